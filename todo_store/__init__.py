@@ -1,0 +1,47 @@
+"""todo_store: async, user-scoped data access for a multi-user todo app on Neon PostgreSQL."""
+
+from todo_store.engine import TodoStore, create_engine, create_sessionmaker
+from todo_store.errors import (
+    ConflictError,
+    DatabaseError,
+    DatabaseUnavailable,
+    EmailTaken,
+    InvalidData,
+    NotFoundError,
+    SchemaNotReady,
+    TaskNotFound,
+    TodoStoreError,
+    UserNotFound,
+)
+from todo_store.models import Base, Task, User
+from todo_store.repositories import UNSET, TaskRepo, UserRepo
+from todo_store.schemas import TaskCreate, TaskPatch, TaskRead, UserRead, UserUpsert
+from todo_store.settings import Settings
+
+__all__ = [
+    "UNSET",
+    "Base",
+    "ConflictError",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "EmailTaken",
+    "InvalidData",
+    "NotFoundError",
+    "SchemaNotReady",
+    "Settings",
+    "Task",
+    "TaskCreate",
+    "TaskNotFound",
+    "TaskPatch",
+    "TaskRead",
+    "TaskRepo",
+    "TodoStore",
+    "TodoStoreError",
+    "User",
+    "UserNotFound",
+    "UserRead",
+    "UserRepo",
+    "UserUpsert",
+    "create_engine",
+    "create_sessionmaker",
+]

@@ -1,0 +1,140 @@
+"""Validation rules for everything a caller passes in, and read models for responses.
+
+Each rule is written once, as an annotated type, and used by the repositories before any
+SQL is sent. A rule violation raises `pydantic.ValidationError` (a `ValueError`) whose
+error locations name the offending field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+from todo_store.models import EMAIL_MAX, NAME_MAX, TITLE_MAX, USER_ID_MAX
+
+BIGINT_MAX = 2**63 - 1
+DESCRIPTION_MAX = 10_000
+LIST_LIMIT_MAX = 500
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot store U+0000; refusing it here beats a driver error later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+UserId = Annotated[
+    str, StringConstraints(min_length=1, max_length=USER_ID_MAX), AfterValidator(_no_nul)
+]
+TaskId = Annotated[int, Field(strict=True, gt=0, le=BIGINT_MAX)]
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
+    AfterValidator(_no_nul),
+]
+Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX), AfterValidator(_no_nul)]
+Email = Annotated[
+    EmailStr, StringConstraints(max_length=EMAIL_MAX), AfterValidator(_no_nul), AfterValidator(_lower)
+]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX),
+    AfterValidator(_no_nul),
+]
+ListLimit = Annotated[int, Field(strict=True, ge=1, le=LIST_LIMIT_MAX)]
+
+
+class _Input(BaseModel):
+    # strict: "5" is not a task id and 1 is not a title; unknown fields are mistakes.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class UserRef(_Input):
+    user_id: UserId
+
+
+class TaskRef(_Input):
+    user_id: UserId
+    task_id: TaskId
+
+
+class TaskCreate(_Input):
+    title: Title
+    description: Description | None = None
+
+
+class TaskPatch(_Input):
+    """A partial update: only the fields given are written (`model_fields_set`)."""
+
+    title: Title | None = None
+    description: Description | None = None
+    completed: bool | None = None
+
+    @field_validator("title", "completed")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Runs only for fields the caller gave: omitting them is fine, null is not.
+        if value is None:
+            raise ValueError("may be omitted but not null")
+        return value
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the caller gave, by column name."""
+        return self.model_dump(include=self.model_fields_set)
+
+
+class TaskListQuery(_Input):
+    user_id: UserId
+    completed: bool | None = None
+    limit: ListLimit = 50
+    before: TaskId | None = None
+
+
+class UserUpsert(_Input):
+    id: UserId
+    email: Email
+    name: Name
+
+
+class EmailLookup(_Input):
+    email: Email
+
+
+class TaskRead(BaseModel):
+    """A task as an API returns it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class UserRead(BaseModel):
+    """A user as an API returns it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    email: str
+    name: str
+    created_at: datetime

@@ -1,0 +1,61 @@
+"""Configuration read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the package reads from the environment (or a `.env` file).
+
+    URLs are held as `SecretStr`: they carry passwords, so neither `repr()` nor a
+    validation error ever shows them. `BETTER_AUTH_SECRET` is optional here (the auth
+    service owns it) but, when given, must be at least 32 characters.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+    )
+
+    database_url: SecretStr = Field(
+        description="Pooled URL the application uses (Neon's `-pooler` host in production).",
+    )
+    database_url_direct: SecretStr | None = Field(
+        default=None,
+        description="Direct (unpooled) URL for migrations; derived from a `-pooler` host if unset.",
+    )
+    better_auth_secret: SecretStr | None = Field(default=None, min_length=32)
+
+    pool_size: int = Field(default=5, ge=1, le=100)
+    max_overflow: int = Field(default=5, ge=0, le=100)
+    pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    pool_recycle: int = Field(
+        default=1800, ge=-1, description="Seconds after which a pooled connection is replaced."
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to open a connection.")
+    statement_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds one statement may run before it is cancelled."
+    )
+    migration_lock_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a migration's DDL may wait for a table lock."
+    )
+    statement_cache: bool = Field(
+        default=False,
+        description=(
+            "Cache prepared statements per connection. Safe only on a direct connection or a "
+            "pooler that tracks protocol-level prepared statements (PgBouncer >= 1.21 with "
+            "max_prepared_statements > 0)."
+        ),
+    )
+    statement_cache_size: int = Field(default=100, ge=1)
+
+    @field_validator("database_url", "database_url_direct", mode="before")
+    @classmethod
+    def _not_blank(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
