@@ -1,0 +1,68 @@
+"""Fixtures for this suite; the database ones come from the `todo_store.testing` plugin."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from todo_store import Settings, TodoStore
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import settings_for
+
+
+@pytest.fixture
+def session(todo_store_session: AsyncSession) -> AsyncSession:
+    """A session whose work is rolled back after the test."""
+    return todo_store_session
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(todo_store_settings: Settings) -> AsyncIterator[TodoStore]:
+    """A `TodoStore` whose units of work really commit: use unique user ids (`new_user_id`)."""
+    async with TodoStore(todo_store_settings) as todo_store:
+        yield todo_store
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pooled_store(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[TodoStore]:
+    """A `TodoStore` that reaches the test database through PgBouncer (transaction mode)."""
+    async with TodoStore(settings_for(todo_store_pgbouncer.url)) as todo_store:
+        yield todo_store
+
+
+@pytest.fixture
+def new_user_id() -> str:
+    return f"u_{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class StatementLog:
+    """SQL statements an engine sent while recording."""
+
+    statements: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.statements)
+
+    def clear(self) -> None:
+        self.statements.clear()
+
+
+@pytest.fixture
+def statements(todo_store_engine: AsyncEngine) -> Iterator[StatementLog]:
+    """Records every statement sent on the test engine during the test."""
+    log = StatementLog()
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        log.statements.append(statement)
+
+    event.listen(todo_store_engine.sync_engine, "before_cursor_execute", record)
+    yield log
+    event.remove(todo_store_engine.sync_engine, "before_cursor_execute", record)
