@@ -72,6 +72,7 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
     }
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "do_connect", _connect)
     event.listen(engine.sync_engine, "checkout", _begin_on_checkout)
     event.listen(engine.sync_engine, "handle_error", _raise_typed_error)
     return engine
@@ -80,6 +81,18 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """Open a connection; refused, unreachable or too slow becomes `DatabaseUnavailable`.
+
+    SQLAlchemy passes OS-level connect errors through untranslated (they are not DBAPI
+    errors), so `handle_error` never sees them.
+    """
+    try:
+        return dialect.loaded_dbapi.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as error:
+        raise DatabaseUnavailable(f"could not connect: {type(error).__name__}") from error
 
 
 def _begin_on_checkout(
@@ -142,7 +155,7 @@ class TodoStore:
         if isinstance(settings_or_url, Settings):
             self.settings = settings_or_url
         else:
-            self.settings = Settings(database_url=settings_or_url)  # type: ignore[arg-type]
+            self.settings = Settings(database_url=settings_or_url)
         self.engine = create_engine(self.settings, **engine_kwargs)
         self.sessionmaker = create_sessionmaker(self.engine)
 

@@ -146,10 +146,11 @@ async def _run(
     on: AsyncEngine | AsyncConnection | None,
     action: Callable[[Config], Any],
 ) -> None:
-    engine = on or create_migration_engine(settings)
+    if on is not None:
+        await _with_alembic(on, settings, action)
+        return
+    engine = create_migration_engine(settings)
     try:
         await _with_alembic(engine, settings, action)
     finally:
-        if on is None:
-            assert isinstance(engine, AsyncEngine)
-            await engine.dispose()
+        await engine.dispose()

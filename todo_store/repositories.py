@@ -105,7 +105,7 @@ class TaskRepo:
         task_id: int,
         *,
         title: str | _Unset = UNSET,
-        description: str | None | _Unset = UNSET,
+        description: str | _Unset | None = UNSET,
         completed: bool | _Unset = UNSET,
     ) -> Task:
         """Write only the fields given (`description=None` clears it); `TaskNotFound` else."""
@@ -191,9 +191,8 @@ class UserRepo:
             index_elements=[User.id],
             set_={"email": stmt.excluded.email, "name": stmt.excluded.name},
         )
-        user = await self.session.scalar(stmt.returning(User).execution_options(**_FRESH))
-        assert user is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
-        return user
+        # INSERT ... ON CONFLICT DO UPDATE returns the row in both cases.
+        return (await self.session.scalars(stmt.returning(User).execution_options(**_FRESH))).one()
 
     async def get(self, user_id: str) -> User:
         """The user, or `UserNotFound`."""

@@ -49,7 +49,10 @@ Title = Annotated[
 ]
 Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX), AfterValidator(_no_nul)]
 Email = Annotated[
-    EmailStr, StringConstraints(max_length=EMAIL_MAX), AfterValidator(_no_nul), AfterValidator(_lower)
+    EmailStr,
+    StringConstraints(max_length=EMAIL_MAX),
+    AfterValidator(_no_nul),
+    AfterValidator(_lower),
 ]
 Name = Annotated[
     str,

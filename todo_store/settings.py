@@ -32,7 +32,9 @@ class Settings(BaseSettings):
 
     pool_size: int = Field(default=5, ge=1, le=100)
     max_overflow: int = Field(default=5, ge=0, le=100)
-    pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    pool_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to wait for a pooled connection."
+    )
     pool_recycle: int = Field(
         default=1800, ge=-1, description="Seconds after which a pooled connection is replaced."
     )

@@ -38,7 +38,7 @@ REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
 
 def settings_for(url: str) -> Settings:
     """Settings for a test database; the direct URL is the same server."""
-    return Settings(database_url=url, database_url_direct=url)  # type: ignore[arg-type]
+    return Settings(database_url=url, database_url_direct=url)
 
 
 @pytest.fixture(scope="session")
@@ -85,8 +85,7 @@ async def todo_store_session(todo_store_engine: AsyncEngine) -> AsyncIterator[As
 def todo_store_pgbouncer(
     todo_store_server: ProvisionedServer, todo_store_settings: Settings
 ) -> Iterator[PgBouncer]:
-    database = make_url(todo_store_settings.database_url.get_secret_value()).database
-    assert database is not None
+    database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
     bouncer = PgBouncer(todo_store_server, database, pool_size=4)
     try:
         bouncer.start()

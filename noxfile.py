@@ -1,0 +1,52 @@
+"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `demo`, `bench`.
+
+Needs only Python and `pip install nox`; each session builds its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+LINT_TARGETS = ["todo_store", "tests", "alembic", "benchmarks", "examples", "noxfile.py"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against a real PostgreSQL (and PgBouncer where it can run)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install("ruff>=0.8")
+    session.run("ruff", "check", *LINT_TARGETS)
+    session.run("ruff", "format", "--check", *LINT_TARGETS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "todo_store")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: migrate, then run the seed's Step 7 checks and a repository tour.
+
+    Uses DATABASE_URL when set, else an embedded PostgreSQL it starts and removes.
+    """
+    session.install("-e", ".[testing]")
+    session.run("todo-store", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (round trips, throughput, scaling); writes benchmarks/results.md."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,220 @@
+"""The Neon / PgBouncer rules, proven through a real PgBouncer in transaction mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import settings_for
+from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _terminate_backends(settings: Settings) -> int:
+    """Kill every other server connection to the test database, as a Neon suspend does."""
+    connection = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        killed = await connection.fetchval(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+        )
+    finally:
+        await connection.close()
+    assert isinstance(killed, int)
+    return killed
+
+
+async def _fill_pool(store: TodoStore, size: int) -> None:
+    """Open `size` pooled connections at once, so the pool holds that many."""
+    barrier = asyncio.Barrier(size)
+
+    async def hold() -> None:
+        async with store.session() as session:
+            await session.execute(text("SELECT 1"))
+            await barrier.wait()
+
+    await asyncio.gather(*(hold() for _ in range(size)))
+
+
+async def _named_prepared_statements(bouncer: PgBouncer, pool_size: int) -> list[int]:
+    """`pg_prepared_statements` counts seen from every server connection of the pool.
+
+    Each client holds a transaction while it asks, so PgBouncer has to give each one its own
+    server connection and all of them are inspected.
+    """
+    clients = [await asyncpg.connect(bouncer.url, statement_cache_size=0) for _ in range(pool_size)]
+    try:
+        transactions = [client.transaction() for client in clients]
+        for transaction in transactions:
+            await transaction.start()
+        counts = [
+            await client.fetchval("SELECT count(*) FROM pg_prepared_statements")
+            for client in clients
+        ]
+        pids = {await client.fetchval("SELECT pg_backend_pid()") for client in clients}
+        assert len(pids) == pool_size
+        for transaction in transactions:
+            await transaction.rollback()
+        return counts
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.pgbouncer
+async def test_concurrent_units_of_work_through_pgbouncer(
+    pooled_store: TodoStore, todo_store_pgbouncer: PgBouncer
+) -> None:
+    users = [f"pool_{secrets.token_hex(4)}_{n}" for n in range(4)]
+    async with pooled_store.session() as session:
+        for user_id in users:
+            await UserRepo(session).upsert(user_id, email=f"{user_id}@example.com", name="P")
+
+    async def unit(n: int) -> None:
+        user_id = users[n % len(users)]
+        async with pooled_store.session() as session:
+            tasks = TaskRepo(session)
+            task = await tasks.create(user_id, title=f"task {n}")
+            await tasks.toggle(user_id, task.id)
+            await tasks.update(user_id, task.id, description=f"unit {n}")
+            assert [t.id for t in await tasks.list_for(user_id, limit=500)].count(task.id) == 1
+            if n % 3 == 0:
+                await tasks.delete(user_id, task.id)
+
+    units = 120
+    results = await asyncio.gather(*(unit(n) for n in range(units)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+
+    async with pooled_store.session() as session:
+        tasks = TaskRepo(session)
+        per_user = [await tasks.count_for(u, completed=True) for u in users]
+        assert sum(per_user) == units - len(range(0, units, 3))
+        assert [await tasks.count_for(u, completed=False) for u in users] == [0, 0, 0, 0]
+        for user_id in users:
+            await UserRepo(session).delete(user_id)
+
+    assert await _named_prepared_statements(todo_store_pgbouncer, pool_size=4) == [0, 0, 0, 0]
+
+
+async def test_pool_of_dead_connections_recovers_on_next_unit(
+    todo_store_settings: Settings, new_user_id: str
+) -> None:
+    async with TodoStore(todo_store_settings.model_copy(update={"pool_size": 3})) as store:
+        await _fill_pool(store, 3)
+        assert store.engine.pool.checkedin() == 3  # type: ignore[attr-defined]
+        assert await _terminate_backends(todo_store_settings) >= 3
+
+        async def unit(n: int) -> str:
+            async with store.session() as session:
+                user = await UserRepo(session).upsert(
+                    f"{new_user_id}_{n}", email=f"{new_user_id}_{n}@example.com", name="L"
+                )
+                return user.id
+
+        # As many units as the pool had connections, all at once: none may fail.
+        assert len(await asyncio.gather(*(unit(n) for n in range(3)))) == 3
+        async with store.session() as session:
+            for n in range(3):
+                await UserRepo(session).delete(f"{new_user_id}_{n}")
+
+
+@pytest.mark.pgbouncer
+async def test_server_connections_killed_behind_pgbouncer(
+    pooled_store: TodoStore, todo_store_settings: Settings, new_user_id: str
+) -> None:
+    await _fill_pool(pooled_store, 4)
+    assert await _terminate_backends(todo_store_settings) >= 1
+    async with pooled_store.session() as session:
+        await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="K")
+    async with pooled_store.session() as session:
+        await UserRepo(session).delete(new_user_id)
+
+
+@pytest.mark.pgbouncer
+async def test_pgbouncer_restart_is_survived_without_caller_retry(
+    pooled_store: TodoStore, todo_store_pgbouncer: PgBouncer, new_user_id: str
+) -> None:
+    await _fill_pool(pooled_store, 4)
+    todo_store_pgbouncer.restart()  # every client connection in the pool is now dead
+    for n in range(4):
+        async with pooled_store.session() as session:
+            await UserRepo(session).upsert(
+                f"{new_user_id}_{n}", email=f"{new_user_id}_{n}@x.io", name="R"
+            )
+    async with pooled_store.session() as session:
+        for n in range(4):
+            await UserRepo(session).delete(f"{new_user_id}_{n}")
+
+
+async def test_unreachable_database_is_database_unavailable(
+    todo_store_settings: Settings,
+) -> None:
+    closed_port = "postgresql://postgres@127.0.0.1:9/none"
+    settings = todo_store_settings.model_copy(
+        update={"database_url": type(todo_store_settings.database_url)(closed_port)}
+    )
+    async with TodoStore(settings) as store:
+        with pytest.raises(DatabaseUnavailable):
+            await store.ping()
+
+
+async def test_statement_timeout_is_database_unavailable(todo_store_settings: Settings) -> None:
+    settings = todo_store_settings.model_copy(update={"statement_timeout": 0.2})
+    async with TodoStore(settings) as store:
+        with pytest.raises(DatabaseUnavailable):
+            async with store.session() as session:
+                await session.execute(text("SELECT pg_sleep(5)"))
+        await store.ping()  # the connection pool is still usable afterwards
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def empty_database(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
+    name = f"todo_store_race_{secrets.token_hex(4)}"
+    url = await create_database(todo_store_server.admin_url, name)
+    yield url
+    await drop_database(todo_store_server.admin_url, name)
+
+
+async def test_concurrent_upgrades_serialise(empty_database: str) -> None:
+    env = {**os.environ, "DATABASE_URL": empty_database}
+    env.pop("DATABASE_URL_DIRECT", None)
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "alembic",
+            "upgrade",
+            "head",
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    outputs = [await process.communicate() for process in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], [o[1].decode() for o in outputs]
+    applied = [o[1].decode().count("Running upgrade  -> 0001") for o in outputs]
+    assert sorted(applied) == [0, 0, 1]  # one applied it, the others found head
+
+    settings = settings_for(empty_database)
+    assert await migrations.current_revision(settings) == migrations.head_revision()
+    connection = await asyncpg.connect(empty_database)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM alembic_version") == 1
+    finally:
+        await connection.close()
