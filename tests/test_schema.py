@@ -257,6 +257,6 @@ async def test_alembic_command_line_round_trip(empty_database: str) -> None:
         result = _alembic(empty_database, *args)
         assert result.returncode == 0, (args, result.stderr)
         logs.append(result.stderr)
-    assert "migrations use postgresql://postgres@" in logs[0]
+    assert "migrations use postgresql://postgres" in logs[0]
     assert "(DATABASE_URL)" in logs[0]
     assert await migrations.current_revision(settings_for(empty_database)) == "0001"
