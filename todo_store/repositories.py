@@ -70,7 +70,7 @@ class TaskRepo:
             stmt = stmt.where(Task.completed.is_(query.completed))
         if query.before is not None:
             stmt = stmt.where(Task.id < query.before)
-        stmt = stmt.order_by(Task.id.desc()).limit(query.limit)
+        stmt = stmt.order_by(Task.id.desc()).limit(query.limit).execution_options(**_FRESH)
         return list(await self.session.scalars(stmt))
 
     async def get(self, user_id: str, task_id: int) -> Task:
@@ -185,8 +185,8 @@ class UserRepo:
 
     async def upsert(self, user_id: str, *, email: str, name: str) -> User:
         """Create the user or update its email and name; `EmailTaken` if another user has it."""
-        data = UserUpsert(id=user_id, email=email, name=name)
-        stmt = insert(User).values(id=data.id, email=data.email, name=data.name)
+        data = UserUpsert(user_id=user_id, email=email, name=name)
+        stmt = insert(User).values(id=data.user_id, email=data.email, name=data.name)
         stmt = stmt.on_conflict_do_update(
             index_elements=[User.id],
             set_={"email": stmt.excluded.email, "name": stmt.excluded.name},

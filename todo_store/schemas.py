@@ -109,7 +109,7 @@ class TaskListQuery(_Input):
 
 
 class UserUpsert(_Input):
-    id: UserId
+    user_id: UserId
     email: Email
     name: Name
 
