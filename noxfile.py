@@ -30,9 +30,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and the example app."""
     session.install("-e", ".[dev]")
-    session.run("mypy", "--strict", "todo_store")
+    session.run("mypy", "--strict", "todo_store", "examples")
 
 
 @nox.session

@@ -74,10 +74,22 @@ async def _named_prepared_statements(bouncer: PgBouncer, pool_size: int) -> list
             await client.close()
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_pgbouncer(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[PgBouncer]:
+    """A PgBouncer of this test's own (pool of 4), so its server connections start empty."""
+    with PgBouncer(todo_store_pgbouncer.server, todo_store_pgbouncer.database, pool_size=4) as b:
+        yield b
+
+
 @pytest.mark.pgbouncer
-async def test_concurrent_units_of_work_through_pgbouncer(
-    pooled_store: TodoStore, todo_store_pgbouncer: PgBouncer
-) -> None:
+async def test_concurrent_units_of_work_through_pgbouncer(own_pgbouncer: PgBouncer) -> None:
+    async with TodoStore(settings_for(own_pgbouncer.url)) as pooled_store:
+        await _mixed_units_of_work(pooled_store)
+    assert await _named_prepared_statements(own_pgbouncer, pool_size=4) == [0, 0, 0, 0]
+
+
+async def _mixed_units_of_work(pooled_store: TodoStore) -> None:
+    """120 concurrent units of mixed repository calls; the final state is checked exactly."""
     users = [f"pool_{secrets.token_hex(4)}_{n}" for n in range(4)]
     async with pooled_store.session() as session:
         for user_id in users:
@@ -106,8 +118,6 @@ async def test_concurrent_units_of_work_through_pgbouncer(
         assert [await tasks.count_for(u, completed=False) for u in users] == [0, 0, 0, 0]
         for user_id in users:
             await UserRepo(session).delete(user_id)
-
-    assert await _named_prepared_statements(todo_store_pgbouncer, pool_size=4) == [0, 0, 0, 0]
 
 
 async def test_pool_of_dead_connections_recovers_on_next_unit(

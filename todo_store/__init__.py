@@ -15,7 +15,14 @@ from todo_store.errors import (
 )
 from todo_store.models import Base, Task, User
 from todo_store.repositories import UNSET, TaskRepo, UserRepo
-from todo_store.schemas import TaskCreate, TaskPatch, TaskRead, UserRead, UserUpsert
+from todo_store.schemas import (
+    TaskCreate,
+    TaskPatch,
+    TaskRead,
+    UserProfile,
+    UserRead,
+    UserUpsert,
+)
 from todo_store.settings import Settings
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "TodoStoreError",
     "User",
     "UserNotFound",
+    "UserProfile",
     "UserRead",
     "UserRepo",
     "UserUpsert",

@@ -108,10 +108,15 @@ class TaskListQuery(_Input):
     before: TaskId | None = None
 
 
-class UserUpsert(_Input):
-    user_id: UserId
+class UserProfile(_Input):
+    """What a user may set about themselves (e.g. the body of `PUT /me`)."""
+
     email: Email
     name: Name
+
+
+class UserUpsert(UserProfile):
+    user_id: UserId
 
 
 class EmailLookup(_Input):

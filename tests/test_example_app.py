@@ -1,0 +1,249 @@
+"""The example FastAPI app (`examples/fastapi_app.py`) over HTTP, against the test database.
+
+The app gets the suite's committing `store`, so no lifespan is needed (httpx's ASGITransport
+does not run one). Every test uses fresh user ids and deletes those users at the end.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy import delete
+
+from examples.fastapi_app import create_app
+from todo_store import Settings, TaskRepo, TodoStore, User, UserNotFound, UserRepo
+from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
+
+NEVER_ISSUED_ID = 2**63 - 1  # a valid task id no task will ever get
+
+
+def _client(store: TodoStore) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(store))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def _as(user_id: str) -> dict[str, str]:
+    return {"X-User-Id": user_id}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(store: TodoStore) -> AsyncIterator[httpx.AsyncClient]:
+    async with _client(store) as http:
+        yield http
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def users(store: TodoStore, new_user_id: str) -> AsyncIterator[tuple[str, str]]:
+    """Two fresh user ids (`me`, `other`), not yet created; deleted with their tasks after."""
+    ids = (new_user_id, f"u_{uuid.uuid4().hex[:12]}")
+    yield ids
+    async with store.session() as session:
+        await session.execute(delete(User).where(User.id.in_(ids)))
+
+
+async def _sign_up(client: httpx.AsyncClient, user_id: str) -> None:
+    response = await client.put(
+        "/me", json={"email": f"{user_id}@example.com", "name": "Ada"}, headers=_as(user_id)
+    )
+    assert response.status_code == 200, response.text
+
+
+async def test_happy_flow(
+    client: httpx.AsyncClient, store: TodoStore, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    h = _as(me)
+    response = await client.put(
+        "/me", json={"email": f"Ada.{me}@Example.COM", "name": "Ada"}, headers=h
+    )
+    assert response.status_code == 200
+    user = response.json()
+    assert (user["id"], user["email"], user["name"]) == (me, f"ada.{me}@example.com", "Ada")
+    assert set(user) == {"id", "email", "name", "created_at"}
+
+    response = await client.post(
+        "/tasks", json={"title": "  Buy milk ", "description": "2 l"}, headers=h
+    )
+    assert response.status_code == 201
+    milk = response.json()
+    assert (milk["user_id"], milk["title"], milk["description"], milk["completed"]) == (
+        me,
+        "Buy milk",
+        "2 l",
+        False,
+    )
+    bread = (await client.post("/tasks", json={"title": "Bread"}, headers=h)).json()
+    assert bread["id"] > milk["id"]
+    assert bread["description"] is None
+
+    # Committed before the response: a separate unit of work sees it.
+    async with store.session() as session:
+        assert (await TaskRepo(session).get(me, milk["id"])).title == "Buy milk"
+
+    listed = (await client.get("/tasks", headers=h)).json()
+    assert [t["id"] for t in listed] == [bread["id"], milk["id"]]  # newest first
+    page = await client.get("/tasks", params={"limit": 1, "before": bread["id"]}, headers=h)
+    assert [t["id"] for t in page.json()] == [milk["id"]]
+
+    response = await client.post(f"/tasks/{milk['id']}/toggle", headers=h)
+    assert response.status_code == 200
+    assert response.json()["completed"] is True
+    done = await client.get("/tasks", params={"completed": "true"}, headers=h)
+    assert [t["id"] for t in done.json()] == [milk["id"]]
+
+    response = await client.patch(f"/tasks/{milk['id']}", json={"description": "oat"}, headers=h)
+    assert response.status_code == 200
+    patched = response.json()
+    assert (patched["title"], patched["description"], patched["completed"]) == (
+        "Buy milk",
+        "oat",
+        True,
+    )
+    cleared = await client.patch(f"/tasks/{milk['id']}", json={"description": None}, headers=h)
+    assert cleared.json()["description"] is None
+    assert cleared.json()["title"] == "Buy milk"
+
+    assert (await client.get("/tasks/count", headers=h)).json() == 2
+    assert (await client.get("/tasks/count", params={"completed": True}, headers=h)).json() == 1
+
+    response = await client.delete(f"/tasks/{milk['id']}", headers=h)
+    assert response.status_code == 204
+    assert response.content == b""
+    response = await client.get(f"/tasks/{milk['id']}", headers=h)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "task not found"}
+    assert (await client.get("/tasks/count", headers=h)).json() == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [
+        ("GET", "", None),
+        ("PATCH", "", {"title": "mine now", "completed": True}),
+        ("POST", "/toggle", None),
+        ("DELETE", "", None),
+    ],
+)
+async def test_another_users_task_looks_missing(
+    client: httpx.AsyncClient,
+    users: tuple[str, str],
+    method: str,
+    suffix: str,
+    body: dict[str, Any] | None,
+) -> None:
+    me, other = users
+    await _sign_up(client, me)
+    await _sign_up(client, other)
+    theirs = (await client.post("/tasks", json={"title": "private"}, headers=_as(other))).json()
+
+    foreign = await client.request(
+        method, f"/tasks/{theirs['id']}{suffix}", json=body, headers=_as(me)
+    )
+    missing = await client.request(
+        method, f"/tasks/{NEVER_ISSUED_ID}{suffix}", json=body, headers=_as(me)
+    )
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.content == missing.content
+    assert foreign.headers["content-length"] == missing.headers["content-length"]
+
+    assert (await client.get(f"/tasks/{theirs['id']}", headers=_as(other))).json() == theirs
+    assert (await client.get("/tasks", headers=_as(me))).json() == []
+    assert (await client.get("/tasks/count", headers=_as(me))).json() == 0
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("POST /tasks", {"title": "   "}, "title"),
+        ("POST /tasks", {"title": "x" * 201}, "title"),
+        ("PATCH /tasks/1", {"title": None}, "title"),
+        ("GET /tasks/0", None, "task_id"),
+        ("DELETE /tasks/-1", None, "task_id"),
+        ("GET /tasks?limit=501", None, "limit"),
+        ("GET /tasks?limit=0", None, "limit"),
+        ("PUT /me", {"email": "not-an-email", "name": "Ada"}, "email"),
+        ("PUT /me", {"email": "ada@example.com", "name": " "}, "name"),
+    ],
+)
+async def test_bad_input_is_422_naming_the_field(
+    client: httpx.AsyncClient,
+    users: tuple[str, str],
+    route: str,
+    body: dict[str, Any] | None,
+    field: str,
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    method, path = route.split()
+    response = await client.request(method, path, json=body, headers=_as(me))
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(field in error["loc"] for error in errors), errors
+    assert (await client.get("/tasks/count", headers=_as(me))).json() == 0
+
+
+async def test_email_taken_is_409(
+    client: httpx.AsyncClient, store: TodoStore, users: tuple[str, str]
+) -> None:
+    me, other = users
+    email = f"{me}@example.com"
+    await _sign_up(client, me)
+    response = await client.put(
+        "/me", json={"email": email.upper(), "name": "Eve"}, headers=_as(other)
+    )
+    assert response.status_code == 409
+    assert response.json() == {"detail": "email is already used by another user"}
+    async with store.session() as session:  # the failed unit of work left nothing behind
+        with pytest.raises(UserNotFound):
+            await UserRepo(session).get(other)
+    # Re-sending one's own email is an update, not a conflict.
+    again = await client.put("/me", json={"email": email, "name": "Ada L."}, headers=_as(me))
+    assert again.status_code == 200
+    assert again.json()["name"] == "Ada L."
+
+
+async def test_task_before_profile_is_404_user_not_found(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    response = await client.post("/tasks", json={"title": "too early"}, headers=_as(me))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "user not found"}
+
+
+async def test_no_identity_is_401(client: httpx.AsyncClient) -> None:
+    response = await client.get("/tasks")
+    assert response.status_code == 401
+
+
+async def test_database_down_is_503_with_retry_after(new_user_id: str) -> None:
+    settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=2)
+    async with TodoStore(settings) as down, _client(down) as http:
+        response = await http.get("/tasks", headers=_as(new_user_id))
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"detail": "database unavailable, retry shortly"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def unmigrated_store(todo_store_server: ProvisionedServer) -> AsyncIterator[TodoStore]:
+    name = f"todo_store_empty_{secrets.token_hex(4)}"
+    url = await create_database(todo_store_server.admin_url, name)
+    try:
+        async with TodoStore(url) as empty:
+            yield empty
+    finally:
+        await drop_database(todo_store_server.admin_url, name)
+
+
+async def test_schema_missing_is_503(unmigrated_store: TodoStore, new_user_id: str) -> None:
+    async with _client(unmigrated_store) as http:
+        response = await http.get("/tasks", headers=_as(new_user_id))
+    assert response.status_code == 503
+    assert response.json() == {"detail": "database schema not ready"}
