@@ -72,10 +72,15 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
     }
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
+    add_store_events(engine)
+    return engine
+
+
+def add_store_events(engine: AsyncEngine) -> None:
+    """Give `engine` the connect, checkout and error handling described in this module."""
     event.listen(engine.sync_engine, "do_connect", _connect)
     event.listen(engine.sync_engine, "checkout", _begin_on_checkout)
     event.listen(engine.sync_engine, "handle_error", _raise_typed_error)
-    return engine
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -8,6 +8,7 @@ then find the schema at head.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,7 +23,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from todo_store.engine import connect_args_for
+from todo_store.engine import add_store_events, connect_args_for
 from todo_store.settings import Settings
 from todo_store.urls import direct_url, is_pooler_host, mask
 
@@ -41,7 +42,9 @@ def _script_location() -> Path:
 
 def alembic_config(settings: Settings | None = None) -> Config:
     """An Alembic `Config` that needs no `alembic.ini` (settings come from `Settings`)."""
-    config = Config()
+    # Alembic's commands print to stdout (e.g. check's "No new upgrade operations detected.");
+    # callers of this module get return values and exceptions instead.
+    config = Config(stdout=io.StringIO())
     config.set_main_option("script_location", str(_script_location()))
     if settings is not None:
         config.attributes["settings"] = settings
@@ -69,7 +72,9 @@ def create_migration_engine(settings: Settings) -> AsyncEngine:
     log.info(line)
     url, connect_args = connect_args_for(chosen)
     connect_args["command_timeout"] = None
-    return create_async_engine(url, connect_args=connect_args, poolclass=NullPool)
+    engine = create_async_engine(url, connect_args=connect_args, poolclass=NullPool)
+    add_store_events(engine)
+    return engine
 
 
 def run_migrations(connection: Connection, settings: Settings, run: Callable[[], None]) -> None:

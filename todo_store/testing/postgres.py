@@ -106,9 +106,13 @@ def docker_available() -> bool:
 
 
 @contextmanager
-def provision_server() -> Iterator[ProvisionedServer]:
-    """Yield a running server with superuser access; stop and delete what was started, on exit."""
-    forced = os.environ.get(SOURCE_ENV, "").strip().lower()
+def provision_server(source: str | None = None) -> Iterator[ProvisionedServer]:
+    """Yield a running server with superuser access; stop and delete what was started, on exit.
+
+    `source` ("env", "docker" or "embedded") forces one; else `TODO_STORE_TEST_POSTGRES`
+    may, else the first that is available, in that order.
+    """
+    forced = (source or os.environ.get(SOURCE_ENV, "")).strip().lower()
     if forced and forced not in SOURCES:
         raise ValueError(f"{SOURCE_ENV}={forced!r}: expected one of {', '.join(SOURCES)}")
     env_url = os.environ.get(DATABASE_URL_ENV, "").strip()

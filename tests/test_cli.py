@@ -1,0 +1,278 @@
+"""The `todo-store` command, run as a real subprocess against real databases.
+
+`doctor` and `demo` call `asyncio.run`, which cannot nest in this suite's running loop, so
+each test starts `python -m todo_store.cli` with its own environment (no `.env` is read: the
+working directory is a temporary one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy.engine import URL, make_url
+
+from todo_store import migrations
+from todo_store.schema_checks import STEP7_CHECKS
+from todo_store.settings import Settings
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import settings_for
+from todo_store.testing.postgres import (
+    DATABASE_URL_ENV,
+    SOURCE_ENV,
+    ProvisionedServer,
+    create_database,
+    drop_database,
+)
+
+STEP7 = [name for name, _ in STEP7_CHECKS]
+DOCTOR = [
+    "connect",
+    "server",
+    "pooler",
+    "tls",
+    "round trip",
+    "statement cache",
+    "revision",
+    "drift",
+    *STEP7,
+]
+UPGRADE_HINT = "run `alembic upgrade head`"
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.strip()]
+
+    def line(self, name: str) -> str:
+        """The doctor line for check `name` (one of ✔/✘, then the name and a colon)."""
+        [found] = [line for line in self.lines if line.lstrip()[2:].startswith(f"{name}:")]
+        return found.strip()
+
+    def by_name(self) -> dict[str, dict[str, object]]:
+        return {check["name"]: check for check in json.loads(self.stdout)}
+
+
+async def run_cli(cwd: Path, *args: str, database_url: str | None, **extra_env: str) -> Run:
+    """`python -m todo_store.cli *args` with DATABASE_URL (or none) and nothing else configured."""
+    settings_keys = {name.upper() for name in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in settings_keys}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    env.update(extra_env, PYTHONIOENCODING="utf-8")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "todo_store.cli",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_url(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
+    """URL of a new, empty database, dropped after the test."""
+    name = f"todo_store_cli_{secrets.token_hex(4)}"
+    url = await create_database(todo_store_server.admin_url, name)
+    yield url
+    await drop_database(todo_store_server.admin_url, name)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def migrated_url(fresh_url: str) -> str:
+    await migrations.upgrade(settings_for(fresh_url))
+    return fresh_url
+
+
+async def row_counts(url: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        users = await conn.fetchval("SELECT count(*) FROM users")
+        tasks = await conn.fetchval("SELECT count(*) FROM tasks")
+    finally:
+        await conn.close()
+    return users, tasks
+
+
+async def test_doctor_passes_every_check_on_a_migrated_database(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    text_run = await run_cli(tmp_path, "doctor", database_url=migrated_url)
+    assert text_run.returncode == 0, text_run.stdout + text_run.stderr
+    assert [line.split(":")[0] for line in text_run.lines] == [f"✔ {name}" for name in DOCTOR]
+    assert "direct" in text_run.line("pooler")
+    assert text_run.line("revision").startswith(f"✔ revision: {migrations.head_revision()} = head")
+
+    json_run = await run_cli(tmp_path, "doctor", "--json", database_url=migrated_url)
+    assert json_run.returncode == 0
+    checks = json.loads(json_run.stdout)
+    assert [check["name"] for check in checks] == DOCTOR
+    assert all(check["ok"] is True and check["hint"] == "" for check in checks)
+    assert all(set(check) == {"name", "ok", "detail", "hint"} for check in checks)
+    # The Step 7 checks wrote users and tasks; both runs rolled them back.
+    assert await row_counts(migrated_url) == (0, 0)
+
+
+async def test_doctor_reports_a_dropped_trigger(migrated_url: str, tmp_path: Path) -> None:
+    conn = await asyncpg.connect(migrated_url)
+    try:
+        await conn.execute("DROP TRIGGER update_tasks_updated_at ON tasks")
+    finally:
+        await conn.close()
+
+    run = await run_cli(tmp_path, "doctor", database_url=migrated_url)
+    assert run.returncode == 1
+    failed = {line.split(":")[0][2:] for line in run.lines if line.startswith("✘")}
+    assert failed == {"trigger update_tasks_updated_at", "updated_at trigger"}
+    assert "trigger update_tasks_updated_at on tasks is missing" in run.line(
+        "trigger update_tasks_updated_at"
+    )
+    assert "updated_at stayed 2001-01-01" in run.line("updated_at trigger")
+    # Alembic's autogenerate does not compare triggers: drift cannot see this.
+    assert run.line("drift").startswith("✔")
+
+
+@pytest.mark.parametrize("history", ["never migrated", "downgraded to base"])
+async def test_doctor_on_a_schema_behind_head(fresh_url: str, tmp_path: Path, history: str) -> None:
+    if history == "downgraded to base":
+        await migrations.upgrade(settings_for(fresh_url))
+        await migrations.downgrade(settings_for(fresh_url), "base")
+
+    run = await run_cli(tmp_path, "doctor", database_url=fresh_url)
+    assert run.returncode == 1
+    assert run.line("connect").startswith("✔")
+    revision = run.line("revision")
+    assert revision.startswith("✘ revision: none (empty database), head is")
+    assert revision.endswith(f"— {UPGRADE_HINT}")
+    assert run.line("drift").startswith("✘ drift: not compared: Target database is not up to date")
+    checks = (await run_cli(tmp_path, "doctor", "--json", database_url=fresh_url)).by_name()
+    for name in STEP7:  # reported, not crashed: each names the fix
+        assert checks[name]["ok"] is False
+        assert UPGRADE_HINT in f"{checks[name]['detail']} {checks[name]['hint']}"
+
+
+def _unusable_url(server: ProvisionedServer, problem: str) -> str:
+    if problem == "nothing listening":  # connection refused on TCP port 1
+        return "postgresql://postgres:secretpw@127.0.0.1:1/db"
+    # A role that does not exist fails with SQLSTATE 28000 even where every password is trusted.
+    if server.is_unix_socket:
+        query = {"host": server.host, "port": str(server.port)}
+        url = URL.create("postgresql", "no_such_role", "secretpw", database="db", query=query)
+    else:
+        url = URL.create("postgresql", "no_such_role", "secretpw", server.host, server.port, "db")
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [
+        ("unknown role", "authentication failed: check the user and password (SQLSTATE 28000)"),
+        ("nothing listening", "ConnectionRefusedError"),
+    ],
+)
+async def test_doctor_without_a_connection_never_shows_the_password(
+    todo_store_server: ProvisionedServer, tmp_path: Path, problem: str, reason: str
+) -> None:
+    url = _unusable_url(todo_store_server, problem)
+    assert "secretpw" in url
+
+    run = await run_cli(tmp_path, "doctor", database_url=url)
+    assert run.returncode == 1
+    connect = run.line("connect")
+    assert connect.startswith("✘ connect: postgresql://")
+    assert ":***@" in connect
+    assert reason in connect
+    assert run.lines[1:] == [f"✘ {name}: not run: no connection" for name in DOCTOR[1:]]
+
+    json_run = await run_cli(tmp_path, "doctor", "--json", database_url=url)
+    assert json_run.returncode == 1
+    assert not any(check["ok"] for check in json.loads(json_run.stdout))
+    for output in (run.stdout, run.stderr, json_run.stdout, json_run.stderr):
+        assert "secretpw" not in output
+
+
+@pytest.mark.pgbouncer
+async def test_doctor_flags_statement_caching_through_pgbouncer(
+    todo_store_pgbouncer: PgBouncer, tmp_path: Path
+) -> None:
+    url = todo_store_pgbouncer.url
+    safe = await run_cli(tmp_path, "doctor", database_url=url)
+    assert safe.returncode == 0, safe.stdout
+    assert safe.line("pooler").startswith("✔ pooler: pooled: ")
+    assert safe.line("statement cache") == "✔ statement cache: off: safe through any pooler"
+
+    cached = await run_cli(tmp_path, "doctor", database_url=url, STATEMENT_CACHE="true")
+    assert cached.returncode == 1
+    assert [line for line in cached.lines if line.startswith("✘")] == [
+        "✘ statement cache: on, through a pooler: prepared statements can land on another server"
+        " connection — set STATEMENT_CACHE=false, or use PgBouncer >= 1.21 with"
+        " max_prepared_statements"
+    ]
+
+
+async def test_demo_on_database_url_persists_only_the_schema(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    run = await run_cli(tmp_path, "demo", database_url=fresh_url)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.lines[0] == f"database: {make_url(fresh_url).render_as_string()} (DATABASE_URL)"
+    for name in STEP7:
+        assert run.line(name).startswith(f"✔ {name}: ")
+    assert "TaskNotFound: task" in run.stdout
+    assert "(cascade)" in run.stdout
+    assert len(run.lines) <= 25
+
+    settings = settings_for(fresh_url)
+    assert await migrations.current_revision(settings) == migrations.head_revision()
+    assert await row_counts(fresh_url) == (0, 0)
+
+
+async def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path: Path) -> None:
+    # Neither a test server nor a forced source may leak in: the demo must start its own.
+    unset = {DATABASE_URL_ENV: "", SOURCE_ENV: "docker"}
+    run = await run_cli(tmp_path, "demo", database_url=None, **unset)
+    assert run.returncode == 0, run.stdout + run.stderr
+    first = run.lines[0]
+    assert first.endswith("(embedded PostgreSQL, deleted on exit)")
+    for name in STEP7:
+        assert run.line(name).startswith(f"✔ {name}: ")
+    # The server lived in a temporary directory (its socket dir is in the URL); it is gone.
+    socket_dir = make_url(first.split()[1]).query["host"]
+    assert isinstance(socket_dir, str)
+    assert not Path(socket_dir).parent.exists()
+
+
+async def test_migrate_upgrades_to_head(fresh_url: str, tmp_path: Path) -> None:
+    run = await run_cli(tmp_path, "migrate", database_url=fresh_url)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        f"migrations use {make_url(fresh_url).render_as_string()} (DATABASE_URL)",
+        f"at revision {migrations.head_revision()} (head)",
+    ]
+    assert await migrations.current_revision(settings_for(fresh_url)) == "0001"
