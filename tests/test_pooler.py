@@ -183,12 +183,13 @@ async def test_unreachable_database_is_database_unavailable(
 
 
 async def test_statement_timeout_is_database_unavailable(todo_store_settings: Settings) -> None:
-    settings = todo_store_settings.model_copy(update={"statement_timeout": 0.2})
-    async with TodoStore(settings) as store:
-        with pytest.raises(DatabaseUnavailable):
+    one_connection = {"statement_timeout": 0.2, "pool_size": 1, "max_overflow": 0}
+    async with TodoStore(todo_store_settings.model_copy(update=one_connection)) as store:
+        with pytest.raises(DatabaseUnavailable, match="timed out"):
             async with store.session() as session:
                 await session.execute(text("SELECT pg_sleep(5)"))
-        await store.ping()  # the connection pool is still usable afterwards
+        async with store.session() as session:  # the one pooled connection still works
+            assert await session.scalar(text("SELECT 1")) == 1
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -135,10 +135,13 @@ def _raise_typed_error(context: ExceptionContext) -> None:
     error = context.original_exception
     if isinstance(error, TodoStoreError):
         return
-    if is_connection_loss(error) and not isinstance(error, TimeoutError):
+    if isinstance(error, TimeoutError):
+        # asyncpg's command_timeout: the statement was cancelled, the connection survives.
+        raise DatabaseUnavailable("the statement timed out and was cancelled")
+    if is_connection_loss(error):
         context.is_disconnect = True
-    if context.is_disconnect or is_connection_loss(error):
-        raise DatabaseUnavailable(f"database connection failed: {type(error).__name__}")
+    if context.is_disconnect:
+        raise DatabaseUnavailable(f"the database connection was lost: {type(error).__name__}")
     sqlstate = getattr(error, "sqlstate", None)
     if sqlstate is None:
         return  # not a server error (e.g. a programming error in SQLAlchemy usage)
