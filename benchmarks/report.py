@@ -1,0 +1,270 @@
+"""Markdown for `benchmarks/results.md` (printed to stdout as well)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmarks.environment import Versions
+from benchmarks.leak import CacheCheck, LeakResult
+from benchmarks.round_trips import DIRECT, PathResult
+from benchmarks.scaling import CALLED, USERS, ScalingRow
+from benchmarks.throughput import ThroughputRow
+from benchmarks.workload import CALLS, TutorialClient
+
+STATEMENT_CACHE_ON_POOLER_SINCE = (1, 21)
+
+
+@dataclass(frozen=True)
+class Results:
+    command: str
+    quick: bool
+    rtt: float
+    iterations: int
+    versions: Versions
+    raw_sql_mismatches: list[str]
+    paths: list[PathResult]
+    cache_check: CacheCheck | None
+    leaks: list[LeakResult]
+    leak_concurrency: int
+    throughput: list[ThroughputRow]
+    throughput_seconds: float
+    scaling: list[ScalingRow]
+    scaling_samples: int
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(results: Results) -> str:
+    v = results.versions
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Command: `{results.command}` (from the repository root; `nox -s bench` runs the same)"
+        + (" — **quick run**, fewer samples" if results.quick else "")
+        + ".",
+        "",
+        table(
+            ["", ""],
+            [
+                ["date", v.date],
+                ["SQLAlchemy", v.sqlalchemy],
+                ["asyncpg", v.asyncpg],
+                ["PgBouncer", f"{v.pgbouncer} (transaction mode, pool of 4)"],
+                ["PostgreSQL", f"{v.postgres} (server from: {v.server_source})"],
+                ["Python", v.python],
+                ["machine", v.machine],
+            ],
+        ),
+        "",
+        _round_trips(results),
+        _leaks(results),
+        _throughput(results),
+        _scaling(results),
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _round_trips(results: Results) -> str:
+    rtt_ms = results.rtt * 1000
+    out = [
+        "## 1. Round trips per unit of work",
+        "",
+        "One unit of work = `async with store.session() as s: await TaskRepo(s).<method>(...)` "
+        "(a transaction holding one call), on a connection opened and warmed up beforehand. "
+        f"A TCP proxy (`todo_store.testing.proxy.RoundTripProxy`) adds {rtt_ms:.0f} ms to every "
+        "server-to-client burst. Each cell: **round trips counted by the proxy** (client turns; "
+        "deterministic) / median latency ÷ injected RTT (the same measured by time; median of "
+        f"{results.iterations}, after one warm-up unit of work).",
+        "",
+        "Configurations: (a) `TodoStore` defaults: caching off, unnamed prepared statements, "
+        "BEGIN sent at pool checkout; (b) `TodoStore` with `statement_cache=True`; (c) raw "
+        "asyncpg, `statement_cache_size=0`, the same SQL inside `conn.transaction()`: the floor; "
+        "(d) SQLAlchemy's documented PgBouncer recipe (`statement_cache_size=0`, "
+        "`prepared_statement_cache_size=0`, `prepared_statement_name_func` returning "
+        "`__asyncpg_<uuid4>__`), and the same with `pool_pre_ping=True`.",
+        "",
+    ]
+    if results.raw_sql_mismatches:
+        out += [f"**Raw SQL differs** from the repositories' for: {results.raw_sql_mismatches}", ""]
+    else:
+        out += [
+            "(c) runs the exact SQL text and parameters the repositories send (checked against "
+            "SQLAlchemy's `before_cursor_execute` before measuring).",
+            "",
+        ]
+    for path in results.paths:
+        configs = [c for c in path.configs if c.key != "e"]
+        header = ["method", *(c.label for c in configs)]
+        rows = []
+        for name in CALLS:
+            row = [f"`{name}`"]
+            for config in configs:
+                cell = path.cells.get((config.key, name))
+                if cell is None:
+                    row.append("n/a")
+                elif cell.error is not None:
+                    row.append(f"error: {cell.error}")
+                else:
+                    row.append(f"{cell.counted_text()} / {cell.ratio(results.rtt):.2f}")
+            rows.append(row)
+        heading = "Direct to PostgreSQL" if path.path == DIRECT else f"Through {path.path}"
+        out += [f"### {heading}", "", table(header, rows), ""]
+    out += [_statement_cache_note(results), "", _tutorial(results)]
+    return "\n".join(out)
+
+
+def _statement_cache_note(results: Results) -> str:
+    measured = any(
+        path.path.startswith("PgBouncer") and any(c.key == "b" for c in path.configs)
+        for path in results.paths
+    )
+    if measured:
+        return (
+            "(b) through PgBouncer ran on a PgBouncer with `max_prepared_statements=100`, "
+            "which tracks protocol-level prepared statements."
+        )
+    version = results.versions.pgbouncer
+    check = results.cache_check
+    checked = ""
+    if check is not None:
+        errors = "; ".join(f"`{e}`" for e in check.errors) or "none"
+        checked = (
+            f" Checked here: with `statement_cache=True` through this PgBouncer and "
+            f"{results.leak_concurrency} concurrent client connections, **{check.failed} of "
+            f"{check.units} units of work failed** ({errors}; SQLSTATE 26000 is "
+            "`invalid_sql_statement_name`: prepared statement does not exist)."
+        )
+    return (
+        f"(b) through PgBouncer: **not safe on {version}, not measured.** PgBouncer tracks "
+        "protocol-level prepared statements only from 1.21 (`max_prepared_statements > 0`); "
+        "before that a cached statement is looked up on whichever server connection the next "
+        "transaction lands on and fails with `prepared statement ... does not exist`. On "
+        ">= 1.21 the expected count is the direct one: 3 round trips per single-call unit of "
+        "work once the statement is cached on the client connection (BEGIN, Bind/Execute, "
+        "COMMIT); PgBouncer prepares it on a server connection that lacks it as part of "
+        "the same exchange, which costs server work but no client round trip." + checked
+    )
+
+
+def _tutorial(results: Results) -> str:
+    header = ["path", "method", "(a) repository", "(e) tutorial ORM"]
+    rows = []
+    for path in results.paths:
+        for name in TutorialClient.names:
+            a, e = path.cells.get(("a", name)), path.cells.get(("e", name))
+            if a is None or e is None:
+                continue
+            shown = [
+                "error" if c.error else f"{c.counted_text()} / {c.ratio(results.rtt):.2f}"
+                for c in (a, e)
+            ]
+            rows.append([path.path, f"`{name}`", *shown])
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "### (e) Tutorial ORM style, on the todo_store engine",
+            "",
+            "create: `session.add(Task(...)); await session.commit(); await "
+            "session.refresh(task)`; update: `await session.get(Task, id)`, set the attribute, "
+            "commit, refresh (SQLAlchemy's default `expire_on_commit=True`). The refresh runs "
+            "in a second transaction: BEGIN and a ROLLBACK at close come on top.",
+            "",
+            table(header, rows),
+            "",
+        ]
+    )
+
+
+def _leaks(results: Results) -> str:
+    header = ["client", "transactions", "server connections read", "left in total", "per server"]
+    rows = [
+        [
+            r.label,
+            f"{r.transactions:,}",
+            str(len(r.per_server)),
+            f"{r.total:,}",
+            ", ".join(str(n) for n in r.per_server),
+        ]
+        for r in results.leaks
+    ]
+    return "\n".join(
+        [
+            "## 2. Named prepared statements left on PgBouncer's server connections",
+            "",
+            f"A fresh PgBouncer per client; {results.leak_concurrency} client connections run "
+            "single-call units of work (get, list_for, count_for, toggle in turn) until the "
+            "total is reached. Then one client per server connection opens a transaction and "
+            "counts `pg_prepared_statements` there (all held at once, so each reads a different "
+            "server connection). The recipe's Close for a statement goes out at the next "
+            "prepare, in the next transaction, usually on another server connection: the "
+            "statement stays on the one it was prepared on, and Close of an unknown name is "
+            "not an error, so nothing reports it.",
+            "",
+            table(header, rows),
+            "",
+        ]
+    )
+
+
+def _throughput(results: Results) -> str:
+    header = ["call", "todo_store ops/s", "raw asyncpg ops/s", "ratio"]
+    header += ["client CPU/op todo_store", "client CPU/op raw"]
+    rows = [
+        [
+            f"`{r.name}`",
+            f"{r.todo_store:,.0f}",
+            f"{r.raw:,.0f}",
+            f"{r.ratio:.2f}",
+            f"{r.todo_store_cpu_ms:.2f} ms",
+            f"{r.raw_cpu_ms:.2f} ms",
+        ]
+        for r in results.throughput
+    ]
+    return "\n".join(
+        [
+            "## 3. Throughput of the hot calls (no injected latency)",
+            "",
+            "Direct connection, 8 concurrent workers, 8 pooled connections each side; every "
+            "operation is a unit of work (transaction + one call). raw asyncpg runs the same SQL "
+            "with `statement_cache_size=0` inside `conn.transaction()`. Both in the same run, "
+            f"alternating, {results.throughput_seconds:g} s per call per client. Client and "
+            "server share the machine's cores: the benchmark process is CPU-bound, so the ratio "
+            "is mostly the client CPU per operation (last two columns: this process's CPU "
+            "time / operations), i.e. the cost of the SQLAlchemy ORM layer, not of the "
+            "database or the network.",
+            "",
+            table(header, rows),
+            "",
+        ]
+    )
+
+
+def _scaling(results: Results) -> str:
+    header = ["tasks", "tasks per user", *(f"`{n}` median" for n in CALLED)]
+    header += [f"plan of `{n}`" for n in CALLED] + ["insert + VACUUM ANALYZE"]
+    rows = []
+    for r in results.scaling:
+        row = [f"{r.tasks:,}", f"{r.tasks // USERS:,}"]
+        row += [f"{r.median_ms[n]:.2f} ms" for n in CALLED]
+        row += [r.plans[n] for n in CALLED] + [f"{r.insert_seconds:.1f} s"]
+        rows.append(row)
+    return "\n".join(
+        [
+            "## 4. Scaling: latency against table size",
+            "",
+            f"Tasks spread evenly over {USERS:,} users (`INSERT ... SELECT generate_series`), "
+            "then `VACUUM (ANALYZE) tasks`. Median of "
+            f"{results.scaling_samples} single-call units of work on random users, direct, no "
+            "injected latency (so this is the database and client work alone: 4 local round "
+            "trips included). `list_for` returns at most 50 rows (the default limit); "
+            "`count_for` counts all of a user's tasks.",
+            "",
+            table(header, rows),
+            "",
+        ]
+    )
