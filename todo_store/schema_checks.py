@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from todo_store.errors import DatabaseError, NotFoundError, SchemaNotReady, TodoStoreError
 
 _PAST = "2001-01-01T00:00:00Z"
-_UPGRADE_HINT = "run `alembic upgrade head`"
+UPGRADE_HINT = "run `alembic upgrade head`"
 _RECREATE_HINT = "the schema was altered after migrating: recreate it as migration 0001 does"
 
 # (table, column) -> format_type() of what migration 0001 creates.
@@ -96,7 +96,7 @@ async def check_tables(session: AsyncSession) -> str:
     found = {(table, column): (type_, identity) for table, column, type_, identity in rows}
     missing_tables = sorted({t for t, _ in EXPECTED_COLUMNS} - {t for t, _ in found})
     if missing_tables:
-        raise SchemaCheckFailed(f"table(s) missing: {', '.join(missing_tables)}", _UPGRADE_HINT)
+        raise SchemaCheckFailed(f"table(s) missing: {', '.join(missing_tables)}", UPGRADE_HINT)
     wrong = []
     for (table, column), expected in EXPECTED_COLUMNS.items():
         actual = found.get((table, column), ("missing", ""))[0]
