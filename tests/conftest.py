@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from todo_store import Settings, TodoStore
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
+from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 
 @pytest.fixture
@@ -35,6 +37,15 @@ async def pooled_store(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[TodoSto
     """A `TodoStore` that reaches the test database through PgBouncer (transaction mode)."""
     async with TodoStore(settings_for(todo_store_pgbouncer.url)) as todo_store:
         yield todo_store
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def empty_database(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
+    """URL of a new database with nothing in it (not even migrations), dropped afterwards."""
+    name = f"todo_store_empty_{secrets.token_hex(4)}"
+    url = await create_database(todo_store_server.admin_url, name)
+    yield url
+    await drop_database(todo_store_server.admin_url, name)
 
 
 @pytest.fixture

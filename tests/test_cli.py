@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +28,6 @@ from todo_store.testing.postgres import (
     DATABASE_URL_ENV,
     SOURCE_ENV,
     ProvisionedServer,
-    create_database,
-    drop_database,
 )
 
 STEP7 = [name for name, _ in STEP7_CHECKS]
@@ -96,18 +92,9 @@ async def run_cli(cwd: Path, *args: str, database_url: str | None, **extra_env: 
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fresh_url(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
-    """URL of a new, empty database, dropped after the test."""
-    name = f"todo_store_cli_{secrets.token_hex(4)}"
-    url = await create_database(todo_store_server.admin_url, name)
-    yield url
-    await drop_database(todo_store_server.admin_url, name)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def migrated_url(fresh_url: str) -> str:
-    await migrations.upgrade(settings_for(fresh_url))
-    return fresh_url
+async def migrated_url(empty_database: str) -> str:
+    await migrations.upgrade(settings_for(empty_database))
+    return empty_database
 
 
 async def row_counts(url: str) -> tuple[int, int]:
@@ -159,19 +146,21 @@ async def test_doctor_reports_a_dropped_trigger(migrated_url: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize("history", ["never migrated", "downgraded to base"])
-async def test_doctor_on_a_schema_behind_head(fresh_url: str, tmp_path: Path, history: str) -> None:
+async def test_doctor_on_a_schema_behind_head(
+    empty_database: str, tmp_path: Path, history: str
+) -> None:
     if history == "downgraded to base":
-        await migrations.upgrade(settings_for(fresh_url))
-        await migrations.downgrade(settings_for(fresh_url), "base")
+        await migrations.upgrade(settings_for(empty_database))
+        await migrations.downgrade(settings_for(empty_database), "base")
 
-    run = await run_cli(tmp_path, "doctor", database_url=fresh_url)
+    run = await run_cli(tmp_path, "doctor", database_url=empty_database)
     assert run.returncode == 1
     assert run.line("connect").startswith("✔")
     revision = run.line("revision")
     assert revision.startswith("✘ revision: none (empty database), head is")
     assert revision.endswith(f"— {UPGRADE_HINT}")
     assert run.line("drift").startswith("✘ drift: not compared: Target database is not up to date")
-    checks = (await run_cli(tmp_path, "doctor", "--json", database_url=fresh_url)).by_name()
+    checks = (await run_cli(tmp_path, "doctor", "--json", database_url=empty_database)).by_name()
     for name in STEP7:  # reported, not crashed: each names the fix
         assert checks[name]["ok"] is False
         assert UPGRADE_HINT in f"{checks[name]['detail']} {checks[name]['hint']}"
@@ -237,20 +226,20 @@ async def test_doctor_flags_statement_caching_through_pgbouncer(
 
 
 async def test_demo_on_database_url_persists_only_the_schema(
-    fresh_url: str, tmp_path: Path
+    empty_database: str, tmp_path: Path
 ) -> None:
-    run = await run_cli(tmp_path, "demo", database_url=fresh_url)
+    run = await run_cli(tmp_path, "demo", database_url=empty_database)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.lines[0] == f"database: {make_url(fresh_url).render_as_string()} (DATABASE_URL)"
+    assert run.lines[0] == f"database: {make_url(empty_database).render_as_string()} (DATABASE_URL)"
     for name in STEP7:
         assert run.line(name).startswith(f"✔ {name}: ")
     assert "TaskNotFound: task" in run.stdout
     assert "(cascade)" in run.stdout
     assert len(run.lines) <= 25
 
-    settings = settings_for(fresh_url)
+    settings = settings_for(empty_database)
     assert await migrations.current_revision(settings) == migrations.head_revision()
-    assert await row_counts(fresh_url) == (0, 0)
+    assert await row_counts(empty_database) == (0, 0)
 
 
 async def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path: Path) -> None:
@@ -268,11 +257,11 @@ async def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path: Pat
     assert not Path(socket_dir).parent.exists()
 
 
-async def test_migrate_upgrades_to_head(fresh_url: str, tmp_path: Path) -> None:
-    run = await run_cli(tmp_path, "migrate", database_url=fresh_url)
+async def test_migrate_upgrades_to_head(empty_database: str, tmp_path: Path) -> None:
+    run = await run_cli(tmp_path, "migrate", database_url=empty_database)
     assert run.returncode == 0, run.stderr
     assert run.lines == [
-        f"migrations use {make_url(fresh_url).render_as_string()} (DATABASE_URL)",
+        f"migrations use {make_url(empty_database).render_as_string()} (DATABASE_URL)",
         f"at revision {migrations.head_revision()} (head)",
     ]
-    assert await migrations.current_revision(settings_for(fresh_url)) == "0001"
+    assert await migrations.current_revision(settings_for(empty_database)) == "0001"

@@ -18,7 +18,6 @@ from sqlalchemy import text
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
-from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,14 +189,6 @@ async def test_statement_timeout_is_database_unavailable(todo_store_settings: Se
                 await session.execute(text("SELECT pg_sleep(5)"))
         async with store.session() as session:  # the one pooled connection still works
             assert await session.scalar(text("SELECT 1")) == 1
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def empty_database(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
-    name = f"todo_store_race_{secrets.token_hex(4)}"
-    url = await create_database(todo_store_server.admin_url, name)
-    yield url
-    await drop_database(todo_store_server.admin_url, name)
 
 
 async def test_concurrent_upgrades_serialise(empty_database: str) -> None:

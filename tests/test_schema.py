@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from todo_store import DatabaseError, InvalidData, UserNotFound, migrations
 from todo_store.engine import create_engine
 from todo_store.testing.plugin import settings_for
-from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,14 +190,6 @@ async def test_database_rejects_upper_case_email(session: AsyncSession) -> None:
 
 async def test_models_match_the_migrations(todo_store_settings: object) -> None:
     await migrations.check(todo_store_settings)  # type: ignore[arg-type]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def empty_database(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
-    name = f"todo_store_empty_{secrets.token_hex(4)}"
-    url = await create_database(todo_store_server.admin_url, name)
-    yield url
-    await drop_database(todo_store_server.admin_url, name)
 
 
 async def _schema_objects(url: str) -> tuple[set[str], set[str]]:

@@ -6,7 +6,6 @@ when PgBouncer cannot run here, unless TODO_STORE_REQUIRE_PGBOUNCER=1 (CI), wher
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,7 +13,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import start_pgbouncer
 from todo_store.testing.postgres import (
     ProvisionedServer,
     create_database,
@@ -22,8 +22,6 @@ from todo_store.testing.postgres import (
     provision_server,
     server_from_url,
 )
-
-REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
 
 
 def _unique_name(prefix: str) -> str:
@@ -46,13 +44,7 @@ async def infra_database(infra_server: ProvisionedServer) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def infra_bouncer(infra_server: ProvisionedServer, infra_database: str) -> Iterator[PgBouncer]:
-    bouncer = PgBouncer(infra_server, infra_database)
-    try:
-        bouncer.start()
-    except PgBouncerUnavailable as error:
-        if os.environ.get(REQUIRE_PGBOUNCER) == "1":
-            pytest.fail(f"PgBouncer is required ({REQUIRE_PGBOUNCER}=1): {error}")
-        pytest.skip(f"PgBouncer unavailable: {error}")
+    bouncer = start_pgbouncer(infra_server, infra_database)
     try:
         yield bouncer
     finally:

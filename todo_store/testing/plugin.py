@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -39,6 +40,18 @@ REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
 def settings_for(url: str) -> Settings:
     """Settings for a test database; the direct URL is the same server."""
     return Settings(database_url=url, database_url_direct=url)
+
+
+def start_pgbouncer(server: ProvisionedServer, database: str, **options: Any) -> PgBouncer:
+    """A started PgBouncer; skips the test where none can run, or fails if one is required."""
+    bouncer = PgBouncer(server, database, **options)
+    try:
+        bouncer.start()
+    except PgBouncerUnavailable as error:
+        if os.environ.get(REQUIRE_PGBOUNCER) == "1":
+            pytest.fail(f"PgBouncer is required ({REQUIRE_PGBOUNCER}=1): {error}")
+        pytest.skip(f"PgBouncer unavailable: {error}")
+    return bouncer
 
 
 @pytest.fixture(scope="session")
@@ -86,13 +99,7 @@ def todo_store_pgbouncer(
     todo_store_server: ProvisionedServer, todo_store_settings: Settings
 ) -> Iterator[PgBouncer]:
     database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
-    bouncer = PgBouncer(todo_store_server, database, pool_size=4)
-    try:
-        bouncer.start()
-    except PgBouncerUnavailable as error:
-        if os.environ.get(REQUIRE_PGBOUNCER) == "1":
-            pytest.fail(f"PgBouncer is required ({REQUIRE_PGBOUNCER}=1): {error}")
-        pytest.skip(f"PgBouncer unavailable: {error}")
+    bouncer = start_pgbouncer(todo_store_server, database, pool_size=4)
     try:
         yield bouncer
     finally:
