@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,15 @@ async def empty_database(todo_store_server: ProvisionedServer) -> AsyncIterator[
     url = await create_database(todo_store_server.admin_url, name)
     yield url
     await drop_database(todo_store_server.admin_url, name)
+
+
+def command_env(database_url: str | None) -> dict[str, str]:
+    """The environment for a child process: DATABASE_URL (or none) and no other setting."""
+    settings_keys = {name.upper() for name in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in settings_keys}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return env
 
 
 @pytest.fixture

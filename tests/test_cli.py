@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import command_env
 from sqlalchemy.engine import URL, make_url
 
 from todo_store import migrations
 from todo_store.schema_checks import STEP7_CHECKS
-from todo_store.settings import Settings
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import (
@@ -66,10 +65,7 @@ class Run:
 
 async def run_cli(cwd: Path, *args: str, database_url: str | None, **extra_env: str) -> Run:
     """`python -m todo_store.cli *args` with DATABASE_URL (or none) and nothing else configured."""
-    settings_keys = {name.upper() for name in Settings.model_fields}
-    env = {key: value for key, value in os.environ.items() if key.upper() not in settings_keys}
-    if database_url is not None:
-        env["DATABASE_URL"] = database_url
+    env = command_env(database_url)
     env.update(extra_env, PYTHONIOENCODING="utf-8")
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import command_env
 from sqlalchemy import text
 
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
@@ -192,8 +192,7 @@ async def test_statement_timeout_is_database_unavailable(todo_store_settings: Se
 
 
 async def test_concurrent_upgrades_serialise(empty_database: str) -> None:
-    env = {**os.environ, "DATABASE_URL": empty_database}
-    env.pop("DATABASE_URL_DIRECT", None)
+    env = command_env(empty_database)
     processes = [
         await asyncio.create_subprocess_exec(
             sys.executable,

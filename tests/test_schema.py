@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import command_env
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -226,8 +226,7 @@ async def test_migration_round_trip(empty_database: str) -> None:
 
 
 def _alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": url}
-    env.pop("DATABASE_URL_DIRECT", None)
+    env = command_env(url)
     return subprocess.run(
         [sys.executable, "-m", "alembic", *args],
         cwd=ROOT,
