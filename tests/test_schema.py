@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 from conftest import command_env
 from sqlalchemy import text
@@ -247,3 +248,18 @@ async def test_alembic_command_line_round_trip(empty_database: str) -> None:
     assert "migrations use postgresql://postgres" in logs[0]
     assert "(DATABASE_URL)" in logs[0]
     assert await migrations.current_revision(settings_for(empty_database)) == "0001"
+
+
+async def test_migration_ddl_gives_up_behind_a_long_transaction(empty_database: str) -> None:
+    settings = settings_for(empty_database).model_copy(update={"migration_lock_timeout": 0.2})
+    await migrations.upgrade(settings)
+    reader = await asyncpg.connect(empty_database)
+    try:
+        async with reader.transaction():
+            await reader.fetch("SELECT * FROM tasks")  # holds ACCESS SHARE until it ends
+            with pytest.raises(DatabaseError) as raised:
+                await migrations.downgrade(settings, "base")  # DROP TABLE needs ACCESS EXCLUSIVE
+    finally:
+        await reader.close()
+    assert raised.value.sqlstate == "55P03"  # lock_not_available: lock_timeout fired
+    assert await migrations.current_revision(settings) == "0001"  # nothing half-done
