@@ -6,8 +6,6 @@ Translation uses only the SQLSTATE and the constraint / table name the server re
 
 from __future__ import annotations
 
-import builtins
-
 
 class TodoStoreError(Exception):
     """Root of every error this package raises on purpose."""
@@ -111,6 +109,6 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
     return DatabaseError(sqlstate)
 
 
-def is_connection_loss(exc: builtins.BaseException) -> bool:
+def is_connection_loss(exc: BaseException) -> bool:
     """True for the client-side failures that mean the connection is gone or timed out."""
-    return isinstance(exc, OSError | builtins.TimeoutError | ConnectionError)
+    return isinstance(exc, OSError)  # ConnectionError and TimeoutError are OSErrors
