@@ -19,7 +19,6 @@ from todo_store.testing.postgres import (
     ProvisionedServer,
     create_database,
     drop_database,
-    provision_server,
     server_from_url,
 )
 
@@ -28,23 +27,17 @@ def _unique_name(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(4)}"
 
 
-@pytest.fixture(scope="module")
-def infra_server() -> Iterator[ProvisionedServer]:
-    with provision_server() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def infra_database(infra_server: ProvisionedServer) -> AsyncIterator[str]:
+async def infra_database(todo_store_server: ProvisionedServer) -> AsyncIterator[str]:
     name = _unique_name("todo_infra")
-    await create_database(infra_server.admin_url, name)
+    await create_database(todo_store_server.admin_url, name)
     yield name
-    await drop_database(infra_server.admin_url, name)
+    await drop_database(todo_store_server.admin_url, name)
 
 
 @pytest.fixture(scope="module")
-def infra_bouncer(infra_server: ProvisionedServer, infra_database: str) -> Iterator[PgBouncer]:
-    bouncer = start_pgbouncer(infra_server, infra_database)
+def infra_bouncer(todo_store_server: ProvisionedServer, infra_database: str) -> Iterator[PgBouncer]:
+    bouncer = start_pgbouncer(todo_store_server, infra_database)
     try:
         yield bouncer
     finally:
@@ -83,19 +76,19 @@ async def test_unsafe_database_names_are_refused(name: str) -> None:
         await create_database("postgresql://nobody@127.0.0.1:1/postgres", name)
 
 
-async def test_database_is_created_and_dropped(infra_server: ProvisionedServer) -> None:
+async def test_database_is_created_and_dropped(todo_store_server: ProvisionedServer) -> None:
     name = _unique_name("todo_infra_cd")
 
-    url = await create_database(infra_server.admin_url, name)
+    url = await create_database(todo_store_server.admin_url, name)
     conn = await asyncpg.connect(url)
     try:
         assert await conn.fetchval("SELECT current_database()") == name
     finally:
         await conn.close()
     # Still connected elsewhere would not stop the drop (WITH (FORCE)); here nobody is.
-    await drop_database(infra_server.admin_url, name)
+    await drop_database(todo_store_server.admin_url, name)
 
-    admin = await asyncpg.connect(infra_server.admin_url)
+    admin = await asyncpg.connect(todo_store_server.admin_url)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
     finally:

@@ -194,20 +194,19 @@ async def create_database(admin_url: str, name: str) -> str:
 
     The URL is `admin_url` with only the database replaced, password included.
     """
-    quoted = _checked_name(name)
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {quoted}")
-    finally:
-        await conn.close()
+    await _execute(admin_url, f"CREATE DATABASE {_checked_name(name)}")
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
 async def drop_database(admin_url: str, name: str) -> None:
     """Drop database `name` if it exists, disconnecting whoever is still connected to it."""
-    quoted = _checked_name(name)
+    await _execute(admin_url, f"DROP DATABASE IF EXISTS {_checked_name(name)} WITH (FORCE)")
+
+
+async def _execute(admin_url: str, sql: str) -> None:
+    # CREATE/DROP DATABASE cannot run inside a transaction: a plain connection, no engine.
     conn = await asyncpg.connect(admin_url)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        await conn.execute(sql)
     finally:
         await conn.close()
