@@ -2,15 +2,19 @@
 
 from todo_store.engine import TodoStore, create_engine, create_sessionmaker
 from todo_store.errors import (
+    CommitOutcomeUnknown,
     ConflictError,
+    ConnectionRejected,
     DatabaseError,
     DatabaseUnavailable,
+    DuplicateKey,
     EmailTaken,
     InvalidData,
     NotFoundError,
     SchemaNotReady,
     TaskNotFound,
     TodoStoreError,
+    TransactionConflict,
     UserNotFound,
 )
 from todo_store.models import Base, Task, User
@@ -28,9 +32,12 @@ from todo_store.settings import Settings
 __all__ = [
     "UNSET",
     "Base",
+    "CommitOutcomeUnknown",
     "ConflictError",
+    "ConnectionRejected",
     "DatabaseError",
     "DatabaseUnavailable",
+    "DuplicateKey",
     "EmailTaken",
     "InvalidData",
     "NotFoundError",
@@ -44,6 +51,7 @@ __all__ = [
     "TaskRepo",
     "TodoStore",
     "TodoStoreError",
+    "TransactionConflict",
     "User",
     "UserNotFound",
     "UserProfile",

@@ -1,7 +1,23 @@
-"""The package's exceptions, and the one place database errors are translated into them.
+"""The package's exceptions, and the one place server errors are translated into them.
 
-Translation uses only the SQLSTATE and the constraint / table name the server reports
-(never the message text), so it survives server upgrades and locales.
+Translation uses only the SQLSTATE and the constraint name the server reports (never the
+message text), so it survives server upgrades and locales. The one exception is PgBouncer,
+which reports its own login failures under one SQLSTATE (08P01) with fixed texts: those are
+told apart by `pooler_login_failure`, a small table of PgBouncer's fixed messages.
+
+What a caller can do with each error:
+
+| error | meaning | retry? |
+|---|---|---|
+| `NotFoundError` (`TaskNotFound`, `UserNotFound`) | no such row for this caller | no |
+| `ConflictError` (`EmailTaken`, `DuplicateKey`) | a uniqueness rule refused the write | no |
+| `InvalidData` | a CHECK / NOT NULL rule refused a value | no |
+| `SchemaNotReady` | a table or column is missing: migrate | after migrating |
+| `TransactionConflict` | serialization failure or deadlock | the whole unit of work |
+| `DatabaseUnavailable` | lost, refused or timed-out connection, pooler queue full | reads |
+| `CommitOutcomeUnknown` | the connection failed during a commit: it may have happened | never blindly |
+| `ConnectionRejected` | login refused: password, role, database, TLS, startup parameter | no: fix config |
+| `DatabaseError` | anything else, with `.sqlstate` | no |
 """
 
 from __future__ import annotations
@@ -44,6 +60,14 @@ class EmailTaken(ConflictError):
         super().__init__("email is already used by another user")
 
 
+class DuplicateKey(ConflictError):
+    """A unique key other than the email already holds this value; `constraint` names it."""
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(f"duplicate key (constraint {constraint or 'unknown'})")
+        self.constraint = constraint
+
+
 class InvalidData(TodoStoreError, ValueError):
     """The database refused a value (a CHECK or NOT NULL rule) that validation let through."""
 
@@ -52,17 +76,52 @@ class InvalidData(TodoStoreError, ValueError):
         self.constraint = constraint
 
 
-class SchemaNotReady(TodoStoreError):
-    """A table, column or function is missing: the schema is behind the code."""
+UPGRADE_COMMAND = "todo-store migrate"
 
-    def __init__(self) -> None:
+
+class SchemaNotReady(TodoStoreError):
+    """A table or column is missing: the schema is behind the code; migrating fixes it."""
+
+    def __init__(self, sqlstate: str | None = None) -> None:
         super().__init__(
-            "the database schema is missing or out of date; run `alembic upgrade head`"
+            f"the database schema is missing or out of date; run `{UPGRADE_COMMAND}`"
+            + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
         )
+        self.sqlstate = sqlstate
+
+
+class TransactionConflict(TodoStoreError):
+    """Serialization failure or deadlock: nothing was written; the whole unit of work may
+    be run again (see `TodoStore.run`)."""
+
+    def __init__(self, sqlstate: str) -> None:
+        what = "deadlock detected" if sqlstate == _DEADLOCK else "serialization failure"
+        super().__init__(f"{what}; the unit of work was rolled back (SQLSTATE {sqlstate})")
+        self.sqlstate = sqlstate
 
 
 class DatabaseUnavailable(TodoStoreError):
-    """The connection was lost, refused or timed out. Transient: safe to retry a read."""
+    """The connection was lost, refused or timed out, or the pooler's queue is full.
+
+    Transient: safe to retry a read. A write in an atomic unit of work was rolled back;
+    a write whose outcome is unknown raises `CommitOutcomeUnknown` instead.
+    """
+
+
+class CommitOutcomeUnknown(TodoStoreError):
+    """The connection failed or timed out while a write was committing: it may or may not
+    have been applied. The package never retries it; check before doing it again."""
+
+
+class ConnectionRejected(TodoStoreError):
+    """The server or pooler refused the login; no retry can succeed until the configuration
+    changes. The message carries the server's (or TLS library's) reason and the fix."""
+
+    def __init__(self, reason: str, advice: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(f"connection rejected: {reason} — {advice}")
+        self.reason = reason
+        self.advice = advice
+        self.sqlstate = sqlstate
 
 
 class DatabaseError(TodoStoreError):
@@ -77,38 +136,52 @@ class DatabaseError(TodoStoreError):
 _UNIQUE_VIOLATION = "23505"
 _FOREIGN_KEY_VIOLATION = "23503"
 _CHECK_AND_NOT_NULL = {"23502", "23514", "22001"}  # not null, check, value too long
-_SCHEMA_MISSING = {"42P01", "42703", "42883"}  # undefined table, column, function
-_UNAVAILABLE_CLASSES = ("08", "53", "57P")  # connection, resources, operator intervention
+_SCHEMA_MISSING = {"42P01", "42703", "3F000"}  # undefined table, column, schema
+_SERIALIZATION_FAILURE = "40001"
+_DEADLOCK = "40P01"
 _QUERY_CANCELED = "57014"  # statement timeout / cancel request
+_TRANSIENT_CLASSES = ("08", "57P")  # connection exception, operator intervention (shutdown)
+_TOO_MANY_CONNECTIONS = "53300"
+_RESOURCES_CLASS = "53"  # disk full, out of memory: retrying does not help
 _AUTH_CLASS = "28"  # invalid authorization: wrong user or password
 _UNKNOWN_DATABASE = "3D000"
+REJECTED_LOGIN = frozenset({"28000", "28P01", _UNKNOWN_DATABASE})
 
 
 def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoStoreError:
-    """Map one server error to the package's exception.
+    """Map one server error (SQLSTATE, constraint name) to the package's exception.
 
     `constraint` is the server-reported constraint name; model constraint names are fixed
     by the naming convention in `models.py`.
     """
-    if sqlstate == _UNIQUE_VIOLATION and constraint == "uq_users_email":
-        return EmailTaken()
+    if sqlstate == _UNIQUE_VIOLATION:
+        return EmailTaken() if constraint == "uq_users_email" else DuplicateKey(constraint)
     if sqlstate == _FOREIGN_KEY_VIOLATION and constraint == "fk_tasks_user_id_users":
         return UserNotFound()
     if sqlstate in _CHECK_AND_NOT_NULL:
         return InvalidData(constraint)
     if sqlstate in _SCHEMA_MISSING:
-        return SchemaNotReady()
+        return SchemaNotReady(sqlstate)
+    if sqlstate in (_SERIALIZATION_FAILURE, _DEADLOCK):
+        return TransactionConflict(sqlstate)
     if sqlstate == _QUERY_CANCELED:
-        return DatabaseUnavailable("statement cancelled (statement timeout)")
-    if sqlstate is not None and sqlstate.startswith(_UNAVAILABLE_CLASSES):
+        return DatabaseUnavailable("statement cancelled (statement timeout or cancel request)")
+    if sqlstate == _TOO_MANY_CONNECTIONS:
+        return DatabaseUnavailable(f"the server has too many connections (SQLSTATE {sqlstate})")
+    if sqlstate is None:
+        return DatabaseError(sqlstate)
+    if sqlstate.startswith(_TRANSIENT_CLASSES):
         return DatabaseUnavailable(f"database unavailable (SQLSTATE {sqlstate})")
-    if sqlstate is not None and sqlstate.startswith(_AUTH_CLASS):
+    if sqlstate.startswith(_RESOURCES_CLASS):
+        return DatabaseError(sqlstate, "the server is out of resources (disk or memory)")
+    if sqlstate.startswith(_AUTH_CLASS):
         return DatabaseError(sqlstate, "authentication failed: check the user and password")
-    if sqlstate == _UNKNOWN_DATABASE:
-        return DatabaseError(sqlstate, "the database named in the URL does not exist")
     return DatabaseError(sqlstate)
 
 
 def is_connection_loss(exc: BaseException) -> bool:
-    """True for the client-side failures that mean the connection is gone or timed out."""
-    return isinstance(exc, OSError)  # ConnectionError and TimeoutError are OSErrors
+    """True for the client-side failures that mean the connection is gone.
+
+    A timeout is not one: the connection may be healthy and merely slow or queued.
+    """
+    return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)

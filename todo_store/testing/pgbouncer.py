@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, Self
 
 from sqlalchemy.engine import URL
@@ -84,7 +85,14 @@ class PgBouncer:
         pool_size: int = 4,
         pool_mode: str = "transaction",
         max_prepared_statements: int = 0,
+        binary: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
+        """`binary`: the pgbouncer to run (default: the one on PATH, else /usr/sbin/pgbouncer).
+        `settings`: extra or overriding `[pgbouncer]` keys (e.g. `auth_type`, `client_tls_*`).
+        `users`: auth_file entries, user -> password or SCRAM secret (default: the server's).
+        """
         if pool_mode not in POOL_MODES:
             raise ValueError(f"pool_mode {pool_mode!r}: expected one of {', '.join(POOL_MODES)}")
         if database == _ADMIN_DATABASE:
@@ -94,6 +102,9 @@ class PgBouncer:
         self.pool_size = pool_size
         self.pool_mode = pool_mode
         self.max_prepared_statements = max_prepared_statements
+        self.binary = binary
+        self.extra_settings = dict(settings or {})
+        self.users = dict(users or {})
         self._runner: _Runner | None = None
         self._port: int | None = None
         self._workdir: Path | None = None
@@ -206,7 +217,7 @@ class PgBouncer:
             time.sleep(_POLL_INTERVAL_S)
 
     def _new_runner(self, port: int) -> _Runner:
-        binary = _find_binary()
+        binary = self.binary or _find_binary()
         if binary is not None:
             return self._process_runner(binary, port)
         if docker_available():
@@ -294,6 +305,7 @@ class PgBouncer:
         }
         if logfile is not None:
             settings["logfile"] = logfile
+        settings.update(self.extra_settings)
         if version >= _PREPARED_STATEMENTS_SINCE:
             # Written even when 0: from 1.24 the default is 200, which would hide the very
             # prepared-statement breakage the transaction-mode tests exist to catch.
@@ -313,8 +325,9 @@ class PgBouncer:
         return "\n".join(lines) + "\n"
 
     def _auth_text(self) -> str:
-        password = self.server.password or ""
-        return f"{_quoted(self.server.user)} {_quoted(password)}\n"
+        # The server's own user always stays: it is the admin console's user.
+        entries = {self.server.user: self.server.password or "", **self.users}
+        return "".join(f"{_quoted(user)} {_quoted(secret)}\n" for user, secret in entries.items())
 
 
 class _Process:
