@@ -2,22 +2,28 @@
 
 Guarantees, whatever pooler sits in front of PostgreSQL:
 - no named prepared statement outlives its transaction (unless `statement_cache` is on);
-- a unit of work of n statements costs 2n + 2 round trips: BEGIN, (prepare, execute) * n,
-  COMMIT, with no extra ping;
-- a connection that died while pooled (a Neon compute suspend kills them all) is replaced
-  before any caller code runs, using the BEGIN the unit of work sends anyway;
-- database errors reach callers as `todo_store.errors` exceptions.
+- round trips with caching off: an atomic unit of work of n statements costs 2n + 2 (BEGIN,
+  prepare + execute per statement, COMMIT); a non-atomic one (`session(atomic=False)`) 2n;
+- a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
+  all) is replaced at checkout, before any caller code runs, without sending anything;
+- database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,
+  `KeyboardInterrupt` and `SystemExit` pass through unchanged, and the connection they
+  interrupted is discarded, never returned to the pool in an unknown state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import random
+import select
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import URL, ExceptionContext
+from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,13 +32,25 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from todo_store.errors import DatabaseUnavailable, TodoStoreError, is_connection_loss, translate
+from todo_store.errors import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    TodoStoreError,
+    TransactionConflict,
+    is_connection_loss,
+    translate,
+)
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
 
 log = logging.getLogger("todo_store")
 
+T = TypeVar("T")
+
 _DISCONNECT_SQLSTATE_PREFIXES = ("08", "57P")
+_COMMITTING = "todo_store.committing"  # set in Connection.info while a COMMIT is in flight
+_RETRY_FIRST_DELAY_S = 0.02
+_RETRY_MAX_DELAY_S = 1.0
 
 
 def _unnamed_statement() -> str:
@@ -67,7 +85,7 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
         "pool_recycle": settings.pool_recycle,
-        "pool_pre_ping": False,  # replaced by the BEGIN-on-checkout below, at no extra cost
+        "pool_pre_ping": False,  # replaced by the socket check at checkout, at no cost
         "hide_parameters": True,  # parameters (emails, titles) stay out of logs and errors
     }
     options.update(engine_kwargs)
@@ -77,15 +95,22 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
 
 
 def add_store_events(engine: AsyncEngine) -> None:
-    """Give `engine` the connect, checkout and error handling described in this module."""
-    event.listen(engine.sync_engine, "do_connect", _connect)
-    event.listen(engine.sync_engine, "checkout", _begin_on_checkout)
-    event.listen(engine.sync_engine, "handle_error", _raise_typed_error)
+    """Give `engine` the connect, checkout, commit and error handling of this module."""
+    sync_engine = engine.sync_engine
+    event.listen(sync_engine, "do_connect", _connect)
+    if _SOCKET_CHECK_AVAILABLE:
+        event.listen(sync_engine, "checkout", _reject_dead_connection)
+    event.listen(sync_engine, "begin", _forget_commit)
+    event.listen(sync_engine, "commit", _mark_commit)
+    event.listen(sync_engine, "handle_error", _raise_typed_error)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+# -- connect --------------------------------------------------------------------------------
 
 
 def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
@@ -100,53 +125,141 @@ def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         raise DatabaseUnavailable(f"could not connect: {type(error).__name__}") from error
 
 
-def _begin_on_checkout(
-    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-) -> None:
-    """Send the transaction's BEGIN now; a dead connection fails here and is replaced.
+# -- checkout: dead connections are found without a round trip -----------------------------
 
-    The asyncpg adapter would send the same BEGIN lazily before the first statement; sending
-    it at checkout costs no extra round trip and lets the pool retry with a fresh connection
-    (`InvalidatePoolError` also marks every older pooled connection stale, since a suspend or
-    restart kills them all) before any caller code runs.
-    """
-    adapter = dbapi_connection
-    if adapter.autocommit or adapter._transaction is not None:
-        return
-    try:
-        adapter.run_async(lambda _driver: adapter._start_transaction())
-    except Exception as error:
-        if _is_disconnect(error, adapter.driver_connection):
-            raise exc.InvalidatePoolError(f"connection lost before BEGIN: {error!r}") from error
-        raise
-
-
-def _is_disconnect(error: BaseException, driver_connection: Any) -> bool:
-    sqlstate = getattr(error, "sqlstate", None) or ""
-    return (
-        driver_connection.is_closed()
-        or is_connection_loss(error)
-        or sqlstate.startswith(_DISCONNECT_SQLSTATE_PREFIXES)
+# The check reads asyncpg's transport, a private attribute: verified once, here. Without it
+# the check is skipped (documented fallback): a connection that died while pooled then fails
+# its first statement with `DatabaseUnavailable`, and the pool replaces every older one.
+_SOCKET_CHECK_AVAILABLE = hasattr(asyncpg.Connection, "_transport")
+if not _SOCKET_CHECK_AVAILABLE:  # pragma: no cover - depends on the installed asyncpg
+    log.warning(
+        "this asyncpg has no Connection._transport: dead pooled connections are found at "
+        "their first statement instead of at checkout"
     )
+
+
+def _reject_dead_connection(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+) -> None:
+    """Replace a pooled connection the server (or pooler) has closed, sending nothing.
+
+    A pooler restart or a compute suspend closes every connection: the FIN (often after a
+    FATAL message) is already in the kernel's buffer, though asyncpg has not read it yet.
+    An idle connection never has anything to read, so readable means closed or closing.
+    `InvalidatePoolError` makes the pool retry with a fresh connection and mark every older
+    one stale.
+    """
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed() or _has_unread_input(driver):
+        raise exc.InvalidatePoolError("the server closed this pooled connection")
+
+
+def _has_unread_input(driver: asyncpg.Connection) -> bool:
+    transport = getattr(driver, "_transport", None)  # private: verified at import, see above
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
+    return bool(readable)
+
+
+# -- commit tracking: an interrupted COMMIT has an unknown outcome ---------------------------
+
+
+def _mark_commit(conn: Connection) -> None:
+    conn.info[_COMMITTING] = True
+
+
+def _forget_commit(conn: Connection) -> None:
+    conn.info.pop(_COMMITTING, None)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    """The asyncpg exception behind SQLAlchemy's adapter error (`orig` in 2.1, the cause
+    in 2.0), or the error itself."""
+    return getattr(error, "orig", None) or error.__cause__ or error
+
+
+def _is_disconnect(error: BaseException) -> bool:
+    driver_error = _driver_error(error)
+    if is_connection_loss(error) or is_connection_loss(driver_error):
+        return True
+    if isinstance(driver_error, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    sqlstate = getattr(error, "sqlstate", None) or getattr(driver_error, "sqlstate", None) or ""
+    return sqlstate.startswith(_DISCONNECT_SQLSTATE_PREFIXES)
+
+
+def _outcome_unknown(context: ExceptionContext) -> bool:
+    """True when the failed operation may have committed: a COMMIT, or a write that commits
+    by itself (autocommit)."""
+    conn = context.connection
+    if conn is None:
+        return False
+    if conn.info.get(_COMMITTING):
+        return True
+    execution = context.execution_context
+    if execution is None or conn.get_isolation_level() != "AUTOCOMMIT":
+        return False
+    compiled = execution.compiled
+    is_read = compiled is not None and bool(getattr(compiled.statement, "is_select", False))
+    return not is_read
 
 
 def _raise_typed_error(context: ExceptionContext) -> None:
     """Replace every driver error with the package's own (see `errors.translate`)."""
     error = context.original_exception
+    if not isinstance(error, Exception):
+        # CancelledError, KeyboardInterrupt, SystemExit: never converted. SQLAlchemy treats
+        # them as a disconnect, so the interrupted connection is discarded, not pooled.
+        return
     if isinstance(error, TodoStoreError):
         return
-    if isinstance(error, TimeoutError):
-        # asyncpg's command_timeout: the statement was cancelled, the connection survives.
-        raise DatabaseUnavailable("the statement timed out and was cancelled")
-    if is_connection_loss(error):
+    timed_out = isinstance(error, TimeoutError) or isinstance(_driver_error(error), TimeoutError)
+    if timed_out or context.is_disconnect or _is_disconnect(error):
+        unknown = _outcome_unknown(context)
+        # A timed-out or broken connection is in an unknown state: discard it. Only a real
+        # loss says anything about the other pooled connections (a restart kills them all).
         context.is_disconnect = True
-    if context.is_disconnect:
-        raise DatabaseUnavailable(f"the database connection was lost: {type(error).__name__}")
+        context.invalidate_pool_on_disconnect = not timed_out
+        if unknown:
+            raise CommitOutcomeUnknown(
+                "the connection "
+                + ("timed out" if timed_out else "was lost")
+                + " while a write was committing: it may or may not have been applied"
+            )
+        if timed_out:
+            raise DatabaseUnavailable(
+                "timed out waiting for the database (statement timeout, or a busy pooler); "
+                "nothing was committed"
+            )
+        raise DatabaseUnavailable(f"the database connection was lost: {_reason(error)}")
     sqlstate = getattr(error, "sqlstate", None)
     if sqlstate is None:
         return  # not a server error (e.g. a programming error in SQLAlchemy usage)
-    driver_error = getattr(error, "orig", None)
+    driver_error = _driver_error(error)
     raise translate(sqlstate, constraint=getattr(driver_error, "constraint_name", None))
+
+
+def _reason(error: BaseException) -> str:
+    """A short, parameter-free reason: the driver error's type and server message."""
+    driver_error = _driver_error(error)
+    message = getattr(driver_error, "message", None) or ""
+    name = type(driver_error).__name__
+    return f"{name}: {message}" if message else name
+
+
+# -- the store -------------------------------------------------------------------------------
 
 
 class TodoStore:
@@ -166,6 +279,12 @@ class TodoStore:
             self.settings = Settings(database_url=settings_or_url)
         self.engine = create_engine(self.settings, **engine_kwargs)
         self.sessionmaker = create_sessionmaker(self.engine)
+        # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
+        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._non_atomic = create_sessionmaker(self._autocommit_engine)
+        self._read_only = create_sessionmaker(
+            self.engine.execution_options(postgresql_readonly=True)
+        )
 
     @classmethod
     def from_env(cls) -> TodoStore:
@@ -173,19 +292,53 @@ class TodoStore:
         return cls(Settings())
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed when the block succeeds, rolled back when it raises.
+    async def session(
+        self, *, atomic: bool = True, read_only: bool = False
+    ) -> AsyncIterator[AsyncSession]:
+        """A unit of work.
 
-        After a database error inside the block the transaction is aborted; let the error
-        leave the block (everything in it is rolled back) or use `session.begin_nested()`
-        around a call whose failure you want to survive.
+        `atomic=True` (default): one transaction, committed when the block succeeds, rolled
+        back when it raises. After a database error inside the block the transaction is
+        aborted; let the error leave the block, or use `session.begin_nested()` around a call
+        whose failure you want to survive. `read_only=True` makes it a READ ONLY transaction.
+
+        `atomic=False`: no transaction; every statement commits by itself, so each
+        repository call is atomic on its own and costs half the round trips. A failed call
+        leaves the session usable. Use it when the block makes one call, or calls that need
+        not succeed together.
         """
-        async with self.sessionmaker.begin() as session:
+        if read_only and not atomic:
+            raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
+        maker = self._read_only if read_only else self.sessionmaker if atomic else self._non_atomic
+        async with maker.begin() as session:
             yield session
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3) -> T:
+        """Run `work(session)` in one atomic unit of work and return its result.
+
+        On `TransactionConflict` (serialization failure, deadlock: nothing was committed) the
+        whole unit of work runs again, up to `attempts` times in all, after a short random
+        backoff. Nothing else is retried: not `DatabaseUnavailable`, never
+        `CommitOutcomeUnknown`.
+        """
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        delay = _RETRY_FIRST_DELAY_S
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.session() as session:
+                    return await work(session)
+            except TransactionConflict:
+                if attempt == attempts:
+                    raise
+            # Jitter, not security: spreads the retries of the conflicting units apart.
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311
+            delay = min(delay * 2, _RETRY_MAX_DELAY_S)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def ping(self) -> None:
         """Round-trip to the database; raises `DatabaseUnavailable` if it cannot."""
-        async with self.engine.connect() as connection:
+        async with self._autocommit_engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
