@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from todo_store import Settings, TodoStore
-from todo_store.testing.pgbouncer import PgBouncer
-from todo_store.testing.plugin import settings_for
+from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable, tracking_binary
+from todo_store.testing.plugin import REQUIRE_PGBOUNCER, settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 
@@ -38,6 +39,46 @@ async def pooled_store(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[TodoSto
     """A `TodoStore` that reaches the test database through PgBouncer (transaction mode)."""
     async with TodoStore(settings_for(todo_store_pgbouncer.url)) as todo_store:
         yield todo_store
+
+
+# Neon's pooler runs PgBouncer with this setting; it tracks protocol-level prepared statements.
+NEON_MAX_PREPARED_STATEMENTS = 1000
+
+
+def tracking_pgbouncer_binary() -> str:
+    """A PgBouncer >= 1.21 (see `tracking_binary`); skips the test, or fails where required."""
+    try:
+        return tracking_binary()
+    except PgBouncerUnavailable as error:
+        if os.environ.get(REQUIRE_PGBOUNCER) == "1":
+            pytest.fail(f"PgBouncer is required ({REQUIRE_PGBOUNCER}=1): {error}")
+        pytest.skip(f"no PgBouncer that tracks prepared statements: {error}")
+
+
+def start_tracking_pgbouncer(server: ProvisionedServer, database: str, **options: Any) -> PgBouncer:
+    """A started PgBouncer >= 1.21 with `max_prepared_statements = 1000`, as Neon runs it."""
+    return start_pgbouncer(
+        server,
+        database,
+        binary=tracking_pgbouncer_binary(),
+        max_prepared_statements=NEON_MAX_PREPARED_STATEMENTS,
+        **options,
+    )
+
+
+@pytest.fixture(scope="session")
+def tracking_pgbouncer(
+    todo_store_server: ProvisionedServer, todo_store_settings: Settings
+) -> Iterator[PgBouncer]:
+    """Beside `todo_store_pgbouncer` (no statement tracking, e.g. Debian's 1.18): a PgBouncer
+    that tracks prepared statements, transaction mode, pool of 4, in front of the test database.
+    """
+    database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
+    bouncer = start_tracking_pgbouncer(todo_store_server, database, pool_size=4)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -1,16 +1,24 @@
 """Round trips per unit of work, counted by a TCP proxy (deterministic: no clock involved).
 
-A `RoundTripProxy` sits in front of the test database (direct) and in front of PgBouncer
-(transaction mode). Each `TodoStore` has one pooled connection, warmed up before anything is
-counted, so connecting is excluded. The design's claims, checked on both paths:
+A `RoundTripProxy` sits in front of the test database (direct), in front of a PgBouncer that
+does not track prepared statements (`pgbouncer`: Debian's 1.18, or any with
+`max_prepared_statements = 0`) and in front of one that does (`pgbouncer-tracking`: >= 1.21
+with `max_prepared_statements = 1000`, as Neon runs it). Each `TodoStore` has one pooled
+connection, warmed up before anything is counted, so connecting is excluded. The claims:
 
-- a single repository call in `store.session()` costs 4 round trips: BEGIN (sent at pool
-  checkout), prepare (Parse/Describe), execute (Bind/Execute/Sync), COMMIT;
-- n calls in one unit of work cost 2n + 2;
-- no named prepared statement and no Close message is ever sent (caching is off by default);
-- `store.ping()` costs 4 (BEGIN, prepare, execute, and the ROLLBACK of the pool's reset);
-- a pool full of dead connections (every backend terminated, as a Neon suspend does) recovers
-  on the very next unit of work, which costs 4 plus one reconnect: no pre-ping, no failed try.
+- caching off (the default), on every path:
+  - `store.session()` (atomic): a single repository call costs 4 round trips: BEGIN,
+    prepare (Parse/Describe), execute (Parse/Bind/Execute/Sync), COMMIT; n calls cost 2n + 2;
+  - `store.session(atomic=False)`: 2 per call, n calls cost 2n; no BEGIN/COMMIT at all, and a
+    failed call costs 2 and leaves the session usable;
+  - no named prepared statement and no Close is ever sent, and every Bind of the unnamed
+    statement follows a Parse of it in the same Sync group, so a pooler cannot separate them;
+- `statement_cache=True`, direct and through the tracking PgBouncer, once the statement is
+  cached: 1 round trip per call non-atomic (Bind/Execute/Sync), n + 2 atomic;
+- `store.ping()` costs 2 (prepare, execute; it runs outside a transaction);
+- a pool full of dead connections (every backend terminated, as a Neon suspend does, or the
+  PgBouncer restarted) recovers on the very next unit of work, atomic or not, which costs its
+  usual count plus one reconnect: nothing is sent to a dead connection, no caller retries.
 
 These units of work commit: every test owns a user with a unique id and deletes it at the end.
 """
@@ -26,29 +34,54 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import start_tracking_pgbouncer
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from todo_store import Settings, TaskNotFound, TaskRepo, TodoStore, UserNotFound, UserRepo
 from todo_store.testing.pgbouncer import PgBouncer
-from todo_store.testing.plugin import settings_for
+from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
 from todo_store.testing.proxy import Measurement, RoundTripProxy
 
-PATHS = ["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)]
-PING_ROUND_TRIPS = 4  # BEGIN at checkout, prepare, execute, ROLLBACK when the pool resets it
+PGBOUNCER = "pgbouncer"  # no statement tracking (Debian's 1.18)
+TRACKING = "pgbouncer-tracking"  # >= 1.21, max_prepared_statements = 1000 (Neon's setting)
+PATHS = [
+    "direct",
+    pytest.param(PGBOUNCER, marks=pytest.mark.pgbouncer),
+    pytest.param(TRACKING, marks=pytest.mark.pgbouncer),
+]
+# Where caching is safe: a direct connection, a PgBouncer that tracks prepared statements.
+CACHED_PATHS = ["direct", pytest.param(TRACKING, marks=pytest.mark.pgbouncer)]
+BOUNCERS = [
+    pytest.param(PGBOUNCER, marks=pytest.mark.pgbouncer),
+    pytest.param(TRACKING, marks=pytest.mark.pgbouncer),
+]
+ATOMIC = [pytest.param(True, id="atomic"), pytest.param(False, id="non-atomic")]
+PING_ROUND_TRIPS = 2  # prepare, execute: a ping runs outside any transaction
 WAIT_STEPS = 500  # bounded polls, 10 ms apart, for the server side of a kill to be seen
 WAIT_STEP_S = 0.01
 
 
-def _single_connection(url: str, *, pool_size: int = 1) -> Settings:
-    return settings_for(url).model_copy(update={"pool_size": pool_size, "max_overflow": 0})
+def _single_connection(url: str, *, pool_size: int = 1, **settings: object) -> Settings:
+    update = {"pool_size": pool_size, "max_overflow": 0, **settings}
+    return settings_for(url).model_copy(update=update)
+
+
+def _path_url(request: pytest.FixtureRequest, path: str, settings: Settings) -> str:
+    if path == PGBOUNCER:
+        bouncer: PgBouncer = request.getfixturevalue("todo_store_pgbouncer")
+        return bouncer.url
+    if path == TRACKING:
+        tracking: PgBouncer = request.getfixturevalue("tracking_pgbouncer")
+        return tracking.url
+    return settings.database_url.get_secret_value()
 
 
 @dataclass
 class Proxied:
-    """A store whose only connection goes through `proxy` to `path` ("direct" / "pgbouncer")."""
+    """A store whose only connection goes through `proxy` to `path` (see `PATHS`)."""
 
     path: str
     proxy: RoundTripProxy
@@ -59,15 +92,26 @@ class Proxied:
 async def proxied(
     request: pytest.FixtureRequest, todo_store_settings: Settings
 ) -> AsyncIterator[Proxied]:
-    if request.param == "pgbouncer":
-        bouncer: PgBouncer = request.getfixturevalue("todo_store_pgbouncer")
-        target = bouncer.url
-    else:
-        target = todo_store_settings.database_url.get_secret_value()
+    """Caching off (the default), one connection through the proxy."""
+    target = _path_url(request, request.param, todo_store_settings)
+    async with (
+        RoundTripProxy.in_front_of(target) as proxy,
+        TodoStore(_single_connection(proxy.url_for(target))) as store,
+    ):
+        await store.ping()  # connect and the dialect's first-connect queries
+        yield Proxied(request.param, proxy, store)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", params=CACHED_PATHS)
+async def cached(
+    request: pytest.FixtureRequest, todo_store_settings: Settings
+) -> AsyncIterator[Proxied]:
+    """`statement_cache=True`, one connection through the proxy."""
+    target = _path_url(request, request.param, todo_store_settings)
     async with RoundTripProxy.in_front_of(target) as proxy:
-        store = TodoStore(_single_connection(proxy.url_for(target)))
-        async with store:
-            await store.ping()  # connect and the dialect's first-connect queries
+        settings = _single_connection(proxy.url_for(target), statement_cache=True)
+        async with TodoStore(settings) as store:
+            await store.ping()
             yield Proxied(request.param, proxy, store)
 
 
@@ -80,12 +124,12 @@ class Owner:
     task_ids: list[int]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def owner(proxied: Proxied) -> AsyncIterator[Owner]:
+@contextlib.asynccontextmanager
+async def _owner_on(store: TodoStore) -> AsyncIterator[Owner]:
     user_id = f"u_rt_{uuid.uuid4().hex[:12]}"
     email = f"{user_id}@example.com"
     # Also warms the connection up again, should an earlier test have killed it.
-    async with proxied.store.session() as session:
+    async with store.session() as session:
         await UserRepo(session).upsert(user_id, email=email, name="Round Trip")
         tasks = TaskRepo(session)
         task_ids = [(await tasks.create(user_id, title=f"task {i}")).id for i in range(3)]
@@ -93,9 +137,21 @@ async def owner(proxied: Proxied) -> AsyncIterator[Owner]:
     try:
         yield Owner(user_id, email, task_ids)
     finally:
-        async with proxied.store.session() as session:
+        async with store.session() as session:
             with contextlib.suppress(UserNotFound):
                 await UserRepo(session).delete(user_id)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def owner(proxied: Proxied) -> AsyncIterator[Owner]:
+    async with _owner_on(proxied.store) as made:
+        yield made
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def cached_owner(cached: Proxied) -> AsyncIterator[Owner]:
+    async with _owner_on(cached.store) as made:
+        yield made
 
 
 Call = Callable[[AsyncSession, Owner], Awaitable[object]]
@@ -119,7 +175,7 @@ CALLS: dict[str, Call] = {
     "UserRepo.delete": lambda s, o: UserRepo(s).delete(o.user_id),
 }
 
-# Calls mixed into one unit of work for the 2n + 2 rule (none of them removes the owner).
+# Calls mixed into one unit of work for the 2n (+ 2) rules (none of them removes the owner).
 SEQUENCE = [
     "TaskRepo.count_for",
     "TaskRepo.get",
@@ -129,10 +185,16 @@ SEQUENCE = [
 ]
 
 
-def _assert_no_named_statements(measured: Measurement) -> None:
+def _assert_pooler_safe_wire(measured: Measurement) -> None:
+    """Caching off: nothing named, nothing closed, no reconnect, every unnamed Bind parsed."""
     assert measured.stats.named_statements == 0, measured
     assert "Close" not in measured.messages, measured
     assert measured.connections == 0, measured
+    assert measured.stats.unparsed_unnamed_binds == 0, measured
+    assert measured.stats.unnamed_binds == measured.messages.get("Bind", 0), measured
+
+
+# -- caching off, atomic: 2n + 2 ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -143,7 +205,7 @@ async def test_single_call_unit_of_work_costs_4_round_trips(
         async with proxied.store.session() as session:
             await CALLS[name](session, owner)
     assert measured.round_trips == 4, measured
-    _assert_no_named_statements(measured)
+    _assert_pooler_safe_wire(measured)
     # BEGIN and COMMIT are simple queries; the call is one prepare and one execute.
     assert measured.messages.get("Query") == 2, measured
     assert measured.messages.get("Parse", 0) >= 1, measured
@@ -158,7 +220,7 @@ async def test_unit_of_n_statements_costs_2n_plus_2(proxied: Proxied, owner: Own
                 await CALLS[name](session, owner)
     assert measured.round_trips == 2 * n + 2, measured
     assert measured.messages.get("Execute") == n, measured
-    _assert_no_named_statements(measured)
+    _assert_pooler_safe_wire(measured)
 
 
 async def test_failed_call_costs_4_round_trips_and_rolls_back(
@@ -169,15 +231,65 @@ async def test_failed_call_costs_4_round_trips_and_rolls_back(
         async with proxied.store.session() as session:
             await TaskRepo(session).get(owner.user_id, owner.task_ids[-1] + 10**9)
     assert measured.round_trips == 4, measured
-    _assert_no_named_statements(measured)
+    _assert_pooler_safe_wire(measured)
+
+
+# -- caching off, non-atomic: 2n ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+async def test_single_call_non_atomic_costs_2_round_trips(
+    proxied: Proxied, owner: Owner, name: str
+) -> None:
+    with proxied.proxy.counting() as measured:
+        async with proxied.store.session(atomic=False) as session:
+            await CALLS[name](session, owner)
+    assert measured.round_trips == 2, measured
+    _assert_pooler_safe_wire(measured)
+    assert "Query" not in measured.messages, measured  # no BEGIN, COMMIT or ROLLBACK
+    assert measured.messages.get("Execute") == 1, measured
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+async def test_non_atomic_n_calls_cost_2n(proxied: Proxied, owner: Owner, n: int) -> None:
+    with proxied.proxy.counting() as measured:
+        async with proxied.store.session(atomic=False) as session:
+            for name in SEQUENCE[:n]:
+                await CALLS[name](session, owner)
+    assert measured.round_trips == 2 * n, measured
+    assert measured.messages.get("Execute") == n, measured
+    assert "Query" not in measured.messages, measured
+    _assert_pooler_safe_wire(measured)
+
+
+async def test_non_atomic_failed_call_costs_2_and_the_session_goes_on(
+    proxied: Proxied, owner: Owner
+) -> None:
+    """Each call commits by itself: a failed one aborts nothing, the writes around it stay."""
+    with proxied.proxy.counting() as measured:
+        async with proxied.store.session(atomic=False) as session:
+            tasks = TaskRepo(session)
+            before = await tasks.toggle(owner.user_id, owner.task_ids[1])
+            with pytest.raises(TaskNotFound):
+                await tasks.get(owner.user_id, owner.task_ids[-1] + 10**9)
+            after = await tasks.toggle(owner.user_id, owner.task_ids[2])
+    assert measured.round_trips == 6, measured
+    assert "Query" not in measured.messages, measured
+    _assert_pooler_safe_wire(measured)
+    assert before.completed
+    assert after.completed
+    async with proxied.store.session() as session:  # both toggles were committed
+        done = await TaskRepo(session).count_for(owner.user_id, completed=True)
+    assert done == 3
 
 
 async def test_invalid_input_costs_no_round_trip(proxied: Proxied, owner: Owner) -> None:
     """Validation runs before any SQL, and the session checks out no connection before SQL."""
-    with proxied.proxy.counting() as measured, pytest.raises(ValueError, match="title"):
-        async with proxied.store.session() as session:
-            await TaskRepo(session).create(owner.user_id, title="   ")
-    assert measured.round_trips == 0, measured
+    for atomic in (True, False):
+        with proxied.proxy.counting() as measured, pytest.raises(ValueError, match="title"):
+            async with proxied.store.session(atomic=atomic) as session:
+                await TaskRepo(session).create(owner.user_id, title="   ")
+        assert measured.round_trips == 0, measured
 
 
 async def test_ping_costs_a_fixed_number_of_round_trips(proxied: Proxied) -> None:
@@ -185,8 +297,64 @@ async def test_ping_costs_a_fixed_number_of_round_trips(proxied: Proxied) -> Non
     with proxied.proxy.counting() as measured:
         await proxied.store.ping()
     assert measured.round_trips == PING_ROUND_TRIPS, measured
-    assert measured.messages.get("Query") == 2, measured  # BEGIN and ROLLBACK
-    _assert_no_named_statements(measured)
+    assert "Query" not in measured.messages, measured  # no BEGIN, no ROLLBACK
+    _assert_pooler_safe_wire(measured)
+
+
+# -- statement caching where it is safe: 1 per call, n + 2 atomic --------------------------------
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+async def test_cached_non_atomic_call_costs_1_round_trip(
+    cached: Proxied, cached_owner: Owner, name: str
+) -> None:
+    call = CALLS[name]
+    # Warm up: the same statement, on another user's rows.
+    async with _owner_on(cached.store) as spare, cached.store.session(atomic=False) as session:
+        await call(session, spare)
+    with cached.proxy.counting() as measured:
+        async with cached.store.session(atomic=False) as session:
+            await call(session, cached_owner)
+    assert measured.round_trips == 1, measured
+    # Only Bind/Execute/Sync of the statement prepared before: nothing parsed, nothing begun.
+    assert measured.messages.get("Parse", 0) == 0, measured
+    assert measured.messages.get("Execute") == 1, measured
+    assert "Query" not in measured.messages, measured
+    assert measured.connections == 0, measured
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+async def test_cached_atomic_n_calls_cost_n_plus_2(
+    cached: Proxied, cached_owner: Owner, n: int
+) -> None:
+    async with cached.store.session() as session:  # caches every statement of the sequence
+        for name in SEQUENCE[:n]:
+            await CALLS[name](session, cached_owner)
+    with cached.proxy.counting() as measured:
+        async with cached.store.session() as session:
+            for name in SEQUENCE[:n]:
+                await CALLS[name](session, cached_owner)
+    assert measured.round_trips == n + 2, measured
+    assert measured.messages.get("Parse", 0) == 0, measured
+    assert measured.messages.get("Query") == 2, measured  # BEGIN, COMMIT
+
+
+async def test_cached_calls_prepare_each_statement_once(
+    cached: Proxied, cached_owner: Owner
+) -> None:
+    """The first call of a statement prepares it under a name (2 round trips), later ones
+    only execute it."""
+    calls = ["TaskRepo.get", "TaskRepo.count_for", "TaskRepo.get", "TaskRepo.get"]
+    cached.proxy.reset()
+    texts_before = cached.proxy.named_statement_texts
+    with cached.proxy.counting() as measured:
+        for name in calls:
+            async with cached.store.session(atomic=False) as session:
+                await CALLS[name](session, cached_owner)
+    # Prepared earlier in this module (or now, once each): at most 2 named Parses here.
+    assert measured.stats.named_statements <= 2, measured
+    assert measured.round_trips == len(calls) + measured.stats.named_statements, measured
+    assert texts_before <= cached.proxy.named_statement_texts
 
 
 # -- the yardsticks: what the proxy counts for raw asyncpg and for SQLAlchemy's recipe ----------
@@ -207,7 +375,7 @@ async def test_raw_asyncpg_floor_is_4_round_trips(proxied: Proxied) -> None:
     finally:
         await conn.close()
     assert measured.round_trips == 4, measured
-    _assert_no_named_statements(measured)
+    _assert_pooler_safe_wire(measured)
 
 
 async def test_uuid_statement_names_cost_a_fifth_round_trip(proxied: Proxied) -> None:
@@ -243,9 +411,16 @@ async def test_uuid_statement_names_cost_a_fifth_round_trip(proxied: Proxied) ->
 # -- connection loss ----------------------------------------------------------------------------
 
 
-async def _one_unit(store: TodoStore, user_id: str) -> int:
-    async with store.session() as session:
+# -- connection loss ----------------------------------------------------------------------------
+
+
+async def _one_unit(store: TodoStore, user_id: str, *, atomic: bool = True) -> int:
+    async with store.session(atomic=atomic) as session:
         return await TaskRepo(session).count_for(user_id)
+
+
+def _unit_cost(atomic: bool) -> int:
+    return 4 if atomic else 2
 
 
 async def _fill_pool(store: TodoStore, user_id: str, size: int) -> None:
@@ -284,8 +459,46 @@ async def _wait_until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached within the bounded wait")
 
 
+async def _reconnect_cost(proxy: RoundTripProxy, store: TodoStore, user_id: str) -> int:
+    """Round trips of opening one connection: a unit of work on a new connection, minus 4."""
+    await store.dispose()
+    with proxy.counting() as fresh:
+        await _one_unit(store, user_id)
+    assert fresh.connections == 1
+    reconnect = fresh.round_trips - 4
+    assert 1 <= reconnect <= 6  # SSLRequest, StartupMessage (+ auth steps)
+    return reconnect
+
+
+async def _assert_every_dead_connection_replaced(
+    proxy: RoundTripProxy,
+    store: TodoStore,
+    user_id: str,
+    *,
+    pool_size: int,
+    reconnect: int,
+    atomic: bool,
+) -> None:
+    """Each of `pool_size` units of work (one per dead pooled connection) succeeds at once and
+    costs exactly its usual count plus one reconnect: nothing was sent on a dead socket."""
+    for _ in range(pool_size):
+        with proxy.counting() as replaced:
+            assert await _one_unit(store, user_id, atomic=atomic) == 0
+        assert replaced.round_trips == _unit_cost(atomic) + reconnect, replaced
+        assert replaced.connections == 1, replaced
+    await _fill_pool(store, user_id, pool_size)
+    with proxy.counting() as healthy:
+        await _one_unit(store, user_id, atomic=atomic)
+    assert healthy.round_trips == _unit_cost(atomic), healthy
+    assert healthy.connections == 0, healthy
+
+
+@pytest.mark.parametrize("atomic", ATOMIC)
 async def test_pool_of_dead_connections_recovers_on_the_next_unit_of_work(
-    todo_store_settings: Settings, todo_store_server: ProvisionedServer, new_user_id: str
+    todo_store_settings: Settings,
+    todo_store_server: ProvisionedServer,
+    new_user_id: str,
+    atomic: bool,
 ) -> None:
     pool_size = 3
     target = todo_store_settings.database_url.get_secret_value()
@@ -297,69 +510,99 @@ async def test_pool_of_dead_connections_recovers_on_the_next_unit_of_work(
             async with store.session() as session:
                 await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="L")
             try:
-                # The cost of one reconnect, measured: a unit of work on a new connection.
-                await store.dispose()
-                with proxy.counting() as fresh:
-                    await _one_unit(store, new_user_id)
-                reconnect = fresh.round_trips - 4
-                assert fresh.connections == 1
-                assert 1 <= reconnect <= 6  # SSLRequest, StartupMessage (+ auth steps)
-
+                reconnect = await _reconnect_cost(proxy, store, new_user_id)
                 await _fill_pool(store, new_user_id, pool_size)
                 await _wait_until(lambda: proxy.open_connections == pool_size)
                 assert await _terminate_backends(todo_store_server, database) >= pool_size
                 # The proxy closes a client's socket once the server has closed its own.
                 await _wait_until(lambda: proxy.open_connections == 0)
-
-                # Every pooled connection is dead: the first unit of work still succeeds,
-                # with one reconnect and no failed attempt (nothing reached the dead sockets).
-                with proxy.counting() as recovered:
-                    assert await _one_unit(store, new_user_id) == 0
-                assert recovered.round_trips == 4 + reconnect, recovered
-                assert recovered.connections == 1, recovered
-
-                # The other dead connections were marked stale by that failure: each is
-                # replaced on checkout, never handed to a caller, never pinged.
-                for _ in range(pool_size - 1):
-                    with proxy.counting() as replaced:
-                        await _one_unit(store, new_user_id)
-                    assert replaced.round_trips == 4 + reconnect, replaced
-                    assert replaced.connections == 1, replaced
-                await _fill_pool(store, new_user_id, pool_size)
-                with proxy.counting() as healthy:
-                    await _one_unit(store, new_user_id)
-                assert healthy.round_trips == 4, healthy
-                assert healthy.connections == 0, healthy
+                await _assert_every_dead_connection_replaced(
+                    proxy,
+                    store,
+                    new_user_id,
+                    pool_size=pool_size,
+                    reconnect=reconnect,
+                    atomic=atomic,
+                )
             finally:
                 async with store.session() as session:
                     await UserRepo(session).delete(new_user_id)
 
 
 @pytest.mark.pgbouncer
-async def test_backends_killed_behind_pgbouncer_cost_the_client_nothing(
+@pytest.mark.parametrize("atomic", ATOMIC)
+@pytest.mark.parametrize("tracking", [False, True], ids=[PGBOUNCER, TRACKING])
+async def test_pgbouncer_restart_costs_one_reconnect_per_pooled_connection(
     todo_store_settings: Settings,
     todo_store_server: ProvisionedServer,
-    todo_store_pgbouncer: PgBouncer,
     new_user_id: str,
+    atomic: bool,
+    tracking: bool,
 ) -> None:
-    """PgBouncer replaces its dead server connections; the client's stay open: still 4."""
-    database = make_url(todo_store_settings.database_url.get_secret_value()).database
-    assert database is not None
-    async with RoundTripProxy.in_front_of(todo_store_pgbouncer.url) as proxy:
-        settings = _single_connection(proxy.url_for(todo_store_pgbouncer.url))
-        async with TodoStore(settings) as store:
-            async with store.session() as session:
-                await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="L")
-            try:
-                assert await _terminate_backends(todo_store_server, database) >= 1
-                await _wait_until(lambda: not _server_connections(todo_store_pgbouncer, database))
-                with proxy.counting() as measured:
-                    assert await _one_unit(store, new_user_id) == 0
-                assert measured.round_trips == 4, measured
-                assert measured.connections == 0, measured
-            finally:
+    """A PgBouncer of this test's own is restarted under a full pool: every pooled connection
+    is dead, and each is replaced at checkout without a failed attempt."""
+    pool_size = 3
+    database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
+    start = start_tracking_pgbouncer if tracking else start_pgbouncer
+    bouncer = start(todo_store_server, database, pool_size=4)
+    try:
+        async with RoundTripProxy.in_front_of(bouncer.url) as proxy:
+            settings = _single_connection(proxy.url_for(bouncer.url), pool_size=pool_size)
+            async with TodoStore(settings) as store:
                 async with store.session() as session:
-                    await UserRepo(session).delete(new_user_id)
+                    await UserRepo(session).upsert(
+                        new_user_id, email=f"{new_user_id}@x.io", name="R"
+                    )
+                try:
+                    reconnect = await _reconnect_cost(proxy, store, new_user_id)
+                    await _fill_pool(store, new_user_id, pool_size)
+                    await _wait_until(lambda: proxy.open_connections == pool_size)
+                    bouncer.restart()
+                    await _wait_until(lambda: proxy.open_connections == 0)
+                    await _assert_every_dead_connection_replaced(
+                        proxy,
+                        store,
+                        new_user_id,
+                        pool_size=pool_size,
+                        reconnect=reconnect,
+                        atomic=atomic,
+                    )
+                finally:
+                    async with store.session() as session:
+                        await UserRepo(session).delete(new_user_id)
+    finally:
+        bouncer.stop()
+
+
+@pytest.mark.parametrize("atomic", ATOMIC)
+@pytest.mark.parametrize("path", BOUNCERS)
+async def test_backends_killed_behind_pgbouncer_cost_the_client_nothing(
+    request: pytest.FixtureRequest,
+    todo_store_server: ProvisionedServer,
+    new_user_id: str,
+    path: str,
+    atomic: bool,
+) -> None:
+    """PgBouncer replaces its dead server connections; the client's stay open: no extra trip."""
+    bouncer: PgBouncer = request.getfixturevalue(
+        "tracking_pgbouncer" if path == TRACKING else "todo_store_pgbouncer"
+    )
+    async with (
+        RoundTripProxy.in_front_of(bouncer.url) as proxy,
+        TodoStore(_single_connection(proxy.url_for(bouncer.url))) as store,
+    ):
+        async with store.session() as session:
+            await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="L")
+        try:
+            assert await _terminate_backends(todo_store_server, bouncer.database) >= 1
+            await _wait_until(lambda: not _server_connections(bouncer, bouncer.database))
+            with proxy.counting() as measured:
+                assert await _one_unit(store, new_user_id, atomic=atomic) == 0
+            assert measured.round_trips == _unit_cost(atomic), measured
+            assert measured.connections == 0, measured
+        finally:
+            async with store.session() as session:
+                await UserRepo(session).delete(new_user_id)
 
 
 def _server_connections(bouncer: PgBouncer, database: str) -> list[dict[str, str | None]]:

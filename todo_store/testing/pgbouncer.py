@@ -2,6 +2,9 @@
 
 `PgBouncer(server, database).start()` runs the `pgbouncer` binary when one is installed, else
 the `edoburu/pgbouncer` image when a Docker daemon answers, else raises `PgBouncerUnavailable`.
+`tracking_binary()` finds a PgBouncer that can track prepared statements (>= 1.21, as Neon's
+pooler): the one named by `TODO_STORE_PGBOUNCER_TRACKING_BIN`, else a `pgbouncer` >= 1.21 on
+PATH; run it with `max_prepared_statements > 0`.
 Guarantees once `start()` returns: PgBouncer accepts PostgreSQL connections at `url` (TCP on
 127.0.0.1, or the Docker host for the container) and its admin console at `admin_url`;
 `restart()` drops every client connection and comes back on the same port; `stop()` leaves no
@@ -19,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, Self
 
 from sqlalchemy.engine import URL
@@ -43,6 +46,7 @@ _STOP_TIMEOUT_S = 5.0
 _POLL_INTERVAL_S = 0.02
 _LOG_TAIL_LINES = 30
 _PREPARED_STATEMENTS_SINCE = (1, 21)  # older versions reject the max_prepared_statements key
+TRACKING_BINARY_ENV = "TODO_STORE_PGBOUNCER_TRACKING_BIN"
 _SIGTERM_WAITS_SINCE = (1, 23)  # from 1.23 SIGTERM waits for clients; SIGQUIT is immediate
 # The image tracks current PgBouncer releases, all newer than both gates above.
 _CONTAINER_VERSION = (1, 23)
@@ -107,6 +111,7 @@ class PgBouncer:
         self.users = dict(users or {})
         self._runner: _Runner | None = None
         self._port: int | None = None
+        self._version: tuple[int, int] | None = None
         self._workdir: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -163,6 +168,19 @@ class PgBouncer:
     def port(self) -> int:
         """The TCP port; `restart()` keeps it."""
         return self._started()[1]
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """(major, minor) of the PgBouncer running (a lower bound for the container)."""
+        self._started()
+        if self._version is None:
+            raise RuntimeError("PgBouncer not started")
+        return self._version
+
+    @property
+    def tracks_prepared_statements(self) -> bool:
+        """Whether this PgBouncer tracks protocol-level prepared statements across servers."""
+        return self.version >= _PREPARED_STATEMENTS_SINCE and self.max_prepared_statements > 0
 
     @property
     def url(self) -> str:
@@ -225,7 +243,7 @@ class PgBouncer:
         raise PgBouncerUnavailable("pgbouncer binary not found; apt-get install pgbouncer")
 
     def _process_runner(self, binary: str, port: int) -> _Process:
-        version = _binary_version(binary)
+        self._version = version = binary_version(binary)
         account = _unprivileged_account(self.server)
         self._workdir = workdir = Path(tempfile.mkdtemp(prefix="todo-store-pgbouncer-"))
         auth_file = workdir / "users.txt"
@@ -257,6 +275,7 @@ class PgBouncer:
         # testcontainers server publishes its port) is reachable as host.docker.internal.
         host = self.server.host
         server_host = "host.docker.internal" if host in _LOCAL_HOSTS else host
+        self._version = _CONTAINER_VERSION
         ini_text = self._ini_text(
             version=_CONTAINER_VERSION,
             listen_addr="0.0.0.0",  # noqa: S104 - inside the container; Docker publishes the port
@@ -438,6 +457,40 @@ class _Container:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+def tracking_binary() -> str:
+    """Path of a pgbouncer that can track prepared statements (>= 1.21).
+
+    `TODO_STORE_PGBOUNCER_TRACKING_BIN` if set (it must be such a binary), else `pgbouncer` on
+    PATH or in /usr/sbin if that one is recent enough. Raises `PgBouncerUnavailable` saying
+    what was found otherwise.
+    """
+    wanted = ".".join(map(str, _PREPARED_STATEMENTS_SINCE))
+    named = os.environ.get(TRACKING_BINARY_ENV)
+    if named:
+        if not os.access(named, os.X_OK):
+            raise PgBouncerUnavailable(f"{TRACKING_BINARY_ENV}={named}: not an executable file")
+        found = binary_version(named)
+        if found < _PREPARED_STATEMENTS_SINCE:
+            shown = ".".join(map(str, found))
+            raise PgBouncerUnavailable(
+                f"{TRACKING_BINARY_ENV}={named} is PgBouncer {shown}; it must be >= {wanted}"
+            )
+        return named
+    installed = _find_binary()
+    if installed is None:
+        raise PgBouncerUnavailable(
+            f"no pgbouncer installed; set {TRACKING_BINARY_ENV} to a PgBouncer >= {wanted}"
+        )
+    found = binary_version(installed)
+    if found < _PREPARED_STATEMENTS_SINCE:
+        shown = ".".join(map(str, found))
+        raise PgBouncerUnavailable(
+            f"{installed} is PgBouncer {shown}, which cannot track prepared statements; "
+            f"set {TRACKING_BINARY_ENV} to a PgBouncer >= {wanted}"
+        )
+    return installed
+
+
 def _find_binary() -> str | None:
     found = shutil.which("pgbouncer")
     if found is not None:
@@ -446,10 +499,14 @@ def _find_binary() -> str | None:
     return _FALLBACK_BINARY if Path(_FALLBACK_BINARY).is_file() else None
 
 
-def _binary_version(binary: str) -> tuple[int, int]:
-    result = subprocess.run(  # noqa: S603 - our binary, a fixed flag
-        [binary, "--version"], capture_output=True, text=True, check=False, timeout=10
-    )
+def binary_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of a pgbouncer binary, from `--version`."""
+    try:
+        result = subprocess.run(  # noqa: S603 - our binary, a fixed flag
+            [binary, "--version"], capture_output=True, text=True, check=False, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise PgBouncerUnavailable(f"cannot run {binary} --version: {error}") from error
     match = re.search(r"PgBouncer (\d+)\.(\d+)", result.stdout + result.stderr)
     if match is None:
         raise PgBouncerUnavailable(f"cannot tell the version of {binary}: {result.stdout!r}")

@@ -33,6 +33,14 @@ name ("Parse", "Bind", "Execute", "Sync", "Query", "Close", ...) while they are 
 parsing a connection once TLS or GSS encryption is negotiated), including how many Parse messages
 name a statement (a named prepared statement; the unnamed one has the empty name).
 
+Wire properties a transaction pooler depends on are checked on the way: a *Sync group* is the
+run of extended-protocol messages up to and including a Sync (a simple Query is a group of its
+own); a pooler may move a client to another server connection only between groups. For every
+Bind of the unnamed statement the proxy looks for a Parse of the unnamed statement earlier in
+the same group (`unparsed_unnamed_binds` counts those without one: such a Bind could run on a
+server where that statement is another client's, or missing). `named_statement_texts` holds
+the distinct query texts sent in named Parse messages.
+
 ```python
 async with RoundTripProxy("127.0.0.1", 5432, delay=0.02) as proxy:
     store = TodoStore(proxy.url_for(url))
@@ -98,6 +106,10 @@ class ProxyStats:
     server_bytes: int = 0
     named_statements: int = 0
     """Parse messages that named their statement (anything but the unnamed statement)."""
+    unnamed_binds: int = 0
+    """Bind messages of the unnamed statement."""
+    unparsed_unnamed_binds: int = 0
+    """Of those, Binds with no Parse of the unnamed statement earlier in their Sync group."""
     messages: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Frontend messages by name, e.g. {"Query": 2, "Parse": 1, "Bind": 1, ...}."""
 
@@ -110,6 +122,8 @@ class ProxyStats:
             client_bytes=self.client_bytes - other.client_bytes,
             server_bytes=self.server_bytes - other.server_bytes,
             named_statements=self.named_statements - other.named_statements,
+            unnamed_binds=self.unnamed_binds - other.unnamed_binds,
+            unparsed_unnamed_binds=self.unparsed_unnamed_binds - other.unparsed_unnamed_binds,
             messages=MappingProxyType({n: v for n, v in sorted(diff.items()) if v}),
         )
 
@@ -159,6 +173,7 @@ class _FrontendParser:
         self._typed = False  # False until the StartupMessage: messages have no type byte
         self.awaiting_encryption_reply = False
         self.opaque = False  # TLS / GSS encryption negotiated: nothing readable any more
+        self._unnamed_parsed = False  # a Parse of the unnamed statement in the current group
 
     def server_bytes(self, data: bytes) -> None:
         if self.awaiting_encryption_reply and data:
@@ -188,8 +203,7 @@ class _FrontendParser:
         if self._typed:
             kind = chr(message[0])
             self._proxy._count_message(_FRONTEND_MESSAGES.get(kind, f"?{kind}"))
-            if kind == "P" and message[5:6] != b"\x00":  # statement name is the first field
-                self._proxy._named_statements += 1
+            self._follow_groups(kind, message)
             return
         (code,) = struct.unpack_from("!i", message, 4) if len(message) >= 8 else (0,)
         name = _UNTYPED_CODES.get(code, "StartupMessage")
@@ -198,6 +212,35 @@ class _FrontendParser:
             self.awaiting_encryption_reply = True
         elif code != _CANCEL_REQUEST:
             self._typed = True
+
+    def _follow_groups(self, kind: str, message: bytes) -> None:
+        """Named statements, and unnamed Binds checked against their Sync group."""
+        proxy = self._proxy
+        if kind == "P":  # Parse: statement name, query text, ...
+            name, query = _cstrings(message, 5, 2)
+            if name:
+                proxy._named_statements += 1
+                proxy._named_texts.add(query.decode("utf-8", errors="replace"))
+            else:
+                self._unnamed_parsed = True
+        elif kind == "B":  # Bind: portal name, statement name, ...
+            _portal, statement = _cstrings(message, 5, 2)
+            if not statement:
+                proxy._unnamed_binds += 1
+                if not self._unnamed_parsed:
+                    proxy._unparsed_unnamed_binds += 1
+        elif kind in ("S", "Q"):  # the group ends; a pooler may switch servers after it
+            self._unnamed_parsed = False
+
+
+def _cstrings(message: bytes, offset: int, count: int) -> list[bytes]:
+    """The first `count` NUL-terminated strings of `message` from `offset`."""
+    found = []
+    for _ in range(count):
+        end = message.index(b"\x00", offset)
+        found.append(message[offset:end])
+        offset = end + 1
+    return found
 
 
 class _Connection:
@@ -293,6 +336,9 @@ class RoundTripProxy:
         self._client_bytes = 0
         self._server_bytes = 0
         self._named_statements = 0
+        self._unnamed_binds = 0
+        self._unparsed_unnamed_binds = 0
+        self._named_texts: set[str] = set()
         self._messages: Counter[str] = Counter()
 
     @classmethod
@@ -369,6 +415,11 @@ class RoundTripProxy:
         """Client connections currently forwarded (closed as soon as either side closes)."""
         return len(self._connections)
 
+    @property
+    def named_statement_texts(self) -> frozenset[str]:
+        """Distinct query texts of named Parse messages since start (or the last `reset()`)."""
+        return frozenset(self._named_texts)
+
     def snapshot(self) -> ProxyStats:
         return ProxyStats(
             round_trips=self._round_trips,
@@ -376,6 +427,8 @@ class RoundTripProxy:
             client_bytes=self._client_bytes,
             server_bytes=self._server_bytes,
             named_statements=self._named_statements,
+            unnamed_binds=self._unnamed_binds,
+            unparsed_unnamed_binds=self._unparsed_unnamed_binds,
             messages=MappingProxyType(dict(sorted(self._messages.items()))),
         )
 
@@ -383,6 +436,8 @@ class RoundTripProxy:
         """Zero every counter (open connections stay open)."""
         self._round_trips = self._connections_made = 0
         self._client_bytes = self._server_bytes = self._named_statements = 0
+        self._unnamed_binds = self._unparsed_unnamed_binds = 0
+        self._named_texts.clear()
         self._messages.clear()
 
     @contextlib.contextmanager
