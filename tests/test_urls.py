@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL, make_url
 from todo_store.urls import (
     AsyncpgTarget,
     InvalidDatabaseURL,
+    TlsIntent,
     direct_url,
     is_pooler_host,
     mask,
@@ -193,6 +194,68 @@ def test_sslrootcert_file_is_the_trust_anchor(
     assert context.check_hostname is check_hostname
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert [cert["subject"] for cert in context.get_ca_certs()] == [TEST_CA_SUBJECT]
+
+
+@pytest.mark.parametrize(
+    ("query", "sslmode", "reason"),
+    [
+        pytest.param(
+            "sslmode=require&channel_binding=require",
+            "verify-full",
+            "channel_binding=require",
+            id="neon-console",
+        ),
+        pytest.param(
+            "sslmode=verify-full&channel_binding=require",
+            "verify-full",
+            "sslmode=verify-full",
+            id="verify-full-and-binding",
+        ),
+        pytest.param(
+            "sslmode=verify-ca&channel_binding=require",
+            "verify-full",
+            "channel_binding=require",
+            id="binding-raises-verify-ca",
+        ),
+        pytest.param("sslmode=verify-ca", "verify-ca", "sslmode=verify-ca", id="verify-ca"),
+        pytest.param("sslrootcert=system", "verify-full", "sslrootcert=system", id="system"),
+        pytest.param(
+            "sslmode=verify-full&sslrootcert=system",
+            "verify-full",
+            "sslmode=verify-full",
+            id="system-explicit",
+        ),
+        pytest.param("sslmode=require", "require", "sslmode=require", id="require"),
+        pytest.param("sslmode=disable", "disable", "sslmode=disable", id="disable"),
+        pytest.param(
+            "channel_binding=require", "verify-full", "channel_binding=require", id="binding-alone"
+        ),
+    ],
+)
+def test_tls_intent_says_why_the_certificate_is_verified(
+    query: str, sslmode: str, reason: str
+) -> None:
+    tls = to_asyncpg(f"{BASE}?{query}").tls
+
+    assert tls is not None
+    assert (tls.sslmode, tls.reason, tls.rootcert) == (sslmode, reason, None)
+    assert tls.verifies is sslmode.startswith("verify-")
+    assert tls.checks_hostname is (sslmode == "verify-full")
+
+
+def test_tls_intent_names_the_root_certificate_file(ca_file: Path) -> None:
+    raised = to_asyncpg(f"{BASE}?sslmode=require&sslrootcert={ca_file}").tls
+    explicit = to_asyncpg(f"{BASE}?sslmode=verify-full&sslrootcert={ca_file}").tls
+    bound = to_asyncpg(f"{BASE}?sslrootcert={ca_file}&channel_binding=require").tls
+
+    assert raised == TlsIntent("verify-ca", f"sslrootcert={ca_file}", str(ca_file))
+    assert explicit == TlsIntent("verify-full", "sslmode=verify-full", str(ca_file))
+    assert bound == TlsIntent("verify-full", "channel_binding=require", str(ca_file))
+
+
+def test_tls_intent_is_none_when_the_url_says_nothing_about_tls() -> None:
+    assert to_asyncpg(BASE).tls is None
+    assert to_asyncpg(f"{BASE}?channel_binding=prefer").tls is None
 
 
 def test_target_repr_masks_password() -> None:

@@ -14,6 +14,8 @@ plus the connect args the libpq parameters translate to. Guarantees:
 - asyncpg cannot do channel binding: `channel_binding=require` is met by verifying the server
   certificate instead (effective `sslmode` raised to `verify-full`; with `sslmode=disable` it is an
   error). `channel_binding=prefer`/`disable` are ignored.
+- `AsyncpgTarget.tls` says which `sslmode` is in force and which part of the URL put it there
+  (`TlsIntent`), so a failed certificate check can tell the user why it was checked at all.
 - Nothing is silently dropped or weakened: an unknown parameter, a bad value or a foreign scheme
   raises `InvalidDatabaseURL`, naming the offending part. No error message, `mask()` or
   `repr(AsyncpgTarget)` ever contains the password.
@@ -36,6 +38,7 @@ _POSTGRES_SCHEMES = frozenset(
     {"postgres", "postgresql", ASYNCPG_DRIVER, "postgresql+psycopg", "postgresql+psycopg2"}
 )
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 _CHANNEL_BINDINGS = ("disable", "prefer", "require")
 _KEPT_IN_URL = frozenset({"host", "port"})  # SQLAlchemy passes these on to asyncpg itself
 _TRANSLATED = frozenset(
@@ -49,15 +52,47 @@ class InvalidDatabaseURL(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsIntent:
+    """The TLS mode in force for a URL, and the part of the URL that put it there.
+
+    `sslmode` is the effective mode (after `channel_binding`/`sslrootcert` raised it).
+    `reason` names, as written in the URL, what decided it: `sslmode=verify-full`,
+    `channel_binding=require` (asyncpg cannot bind channels, so the certificate is verified
+    instead), `sslrootcert=system`, `sslrootcert=<path>` (a root certificate makes the weaker
+    modes verify), or simply `sslmode=require`. `rootcert` is the CA file certificates are checked
+    against; None means the system trust store (or no check at all, see `verifies`).
+    """
+
+    sslmode: str
+    reason: str
+    rootcert: str | None = None
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the server certificate is checked against a CA."""
+        return self.sslmode in _VERIFYING_SSLMODES
+
+    @property
+    def checks_hostname(self) -> bool:
+        """Whether the certificate must also name the host connected to."""
+        return self.sslmode == "verify-full"
+
+
+@dataclass(frozen=True)
 class AsyncpgTarget:
-    """A `postgresql+asyncpg` URL plus the connect args asyncpg needs alongside it."""
+    """A `postgresql+asyncpg` URL plus the connect args asyncpg needs alongside it.
+
+    `tls` is None when the URL says nothing about TLS (asyncpg's default: try TLS, verify
+    nothing).
+    """
 
     url: URL
     connect_args: dict[str, Any]
+    tls: TlsIntent | None = None
 
     def __repr__(self) -> str:
         shown = self.url.render_as_string(hide_password=True)
-        return f"AsyncpgTarget(url={shown!r}, connect_args={self.connect_args!r})"
+        return f"AsyncpgTarget(url={shown!r}, connect_args={self.connect_args!r}, tls={self.tls!r})"
 
 
 def to_asyncpg(raw: str | URL) -> AsyncpgTarget:
@@ -73,9 +108,9 @@ def to_asyncpg(raw: str | URL) -> AsyncpgTarget:
     params = {key: _single(url, key) for key in _TRANSLATED if key in url.query}
 
     connect_args: dict[str, Any] = {}
-    sslmode = _effective_sslmode(url, params)
-    if sslmode is not None:
-        connect_args["ssl"] = _asyncpg_ssl(url, sslmode, params.get("sslrootcert"))
+    tls = _tls_intent(url, params)
+    if tls is not None:
+        connect_args["ssl"] = _asyncpg_ssl(url, tls.sslmode, params.get("sslrootcert"))
     server_settings = {k: params[k] for k in ("application_name", "options") if k in params}
     if server_settings:
         connect_args["server_settings"] = server_settings
@@ -85,7 +120,7 @@ def to_asyncpg(raw: str | URL) -> AsyncpgTarget:
             connect_args["timeout"] = timeout
 
     kept = {key: value for key, value in url.query.items() if key in _KEPT_IN_URL}
-    return AsyncpgTarget(url.set(drivername=ASYNCPG_DRIVER, query=kept), connect_args)
+    return AsyncpgTarget(url.set(drivername=ASYNCPG_DRIVER, query=kept), connect_args, tls)
 
 
 def is_pooler_host(raw: str | URL) -> bool:
@@ -143,8 +178,9 @@ def _single(url: URL, key: str) -> str:
     return value
 
 
-def _effective_sslmode(url: URL, params: dict[str, str]) -> str | None:
-    """The sslmode to enforce, raised as channel_binding / sslrootcert demand; None = default."""
+def _tls_intent(url: URL, params: dict[str, str]) -> TlsIntent | None:
+    """The sslmode to enforce, raised as channel_binding / sslrootcert demand, and why;
+    None when the URL says nothing about TLS."""
     sslmode = params.get("sslmode")
     if sslmode is not None and sslmode not in _SSLMODES:
         raise _fail(url, f"invalid sslmode {sslmode!r}: expected one of {', '.join(_SSLMODES)}")
@@ -152,20 +188,26 @@ def _effective_sslmode(url: URL, params: dict[str, str]) -> str | None:
     if channel_binding not in _CHANNEL_BINDINGS:
         choices = ", ".join(_CHANNEL_BINDINGS)
         raise _fail(url, f"invalid channel_binding {channel_binding!r}: expected one of {choices}")
+    reason = f"sslmode={sslmode}"
 
     rootcert = params.get("sslrootcert")
     if rootcert == "system":
         if sslmode not in (None, "verify-full"):
             raise InvalidDatabaseURL("sslrootcert=system requires sslmode=verify-full")
-        sslmode = "verify-full"
+        if sslmode is None:
+            sslmode, reason = "verify-full", "sslrootcert=system"
     elif rootcert is not None and sslmode in (None, "allow", "prefer", "require"):
-        sslmode = "verify-ca"
+        sslmode, reason = "verify-ca", f"sslrootcert={rootcert}"
 
     if channel_binding == "require":
         if sslmode == "disable":
             raise InvalidDatabaseURL("channel_binding=require needs TLS, but sslmode=disable")
-        sslmode = "verify-full"
-    return sslmode
+        if sslmode != "verify-full":
+            sslmode, reason = "verify-full", "channel_binding=require"
+    if sslmode is None:
+        return None
+    cafile = None if rootcert in (None, "system") else rootcert
+    return TlsIntent(sslmode, reason, cafile)
 
 
 def _asyncpg_ssl(url: URL, sslmode: str, rootcert: str | None) -> ssl.SSLContext | bool | str:

@@ -1,0 +1,301 @@
+"""Say why a connection attempt failed, and what to do about it.
+
+`explain_connect_failure(error, tls=...)` turns whatever a failed connect raised (asyncpg
+0.30-0.32 directly, or wrapped by SQLAlchemy 2.0/2.1) into:
+
+- `ConnectionRejected(reason, advice, sqlstate=)` for what no retry fixes: authentication
+  (28000, 28P01), an unknown database (3D000), a refused certificate (untrusted CA, hostname
+  mismatch), a startup setting the server or pooler refuses, and PgBouncer's own login
+  failures (see `PGBOUNCER_LOGIN_MESSAGES`);
+- `DatabaseUnavailable` for what may pass: refused or timed-out TCP connects, lost
+  connections, a server shutting down or starting up (57P01-57P03), too many connections,
+  pooler queue and login timeouts, and any server error not known to be permanent.
+
+Guarantees: the message is one line, carries the server's, the pooler's, the TLS library's or
+the operating system's own reason, and never the password (the server never sends it back; a
+`password` given here is also redacted) nor any bound parameter (none exists at connect time).
+`BaseException`s that are not `Exception`s (cancellation, Ctrl-C, exit) and errors that are not
+connect failures give None: the caller re-raises those unchanged.
+
+The SQLSTATE decides wherever there is one; message texts are read in one place only: PgBouncer
+reports all of its own login failures under 08P01, told apart by their fixed texts.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from todo_store.errors import ConnectionRejected, DatabaseUnavailable, TodoStoreError
+from todo_store.urls import TlsIntent
+
+__all__ = ["PGBOUNCER_LOGIN_MESSAGES", "explain_connect_failure"]
+
+_CHECK_LOGIN = "check the user name and password in DATABASE_URL"
+_CHECK_DATABASE = "check the database name in DATABASE_URL (the path after the host: /dbname)"
+_RETRY = "safe to retry; if it persists, check that the server is up and reachable"
+_TLS_FIXES = (
+    "add sslrootcert=/path/to/ca.pem to DATABASE_URL, add the CA to the system trust store, "
+    "or point SSL_CERT_FILE at a CA bundle that has it"
+)
+_WHY_BINDING = (
+    "channel_binding=require (asyncpg cannot bind channels, so the certificate is verified instead)"
+)
+_OPTIONS_ADVICE = (
+    "remove options= from DATABASE_URL or add the parameter to the pooler's "
+    "ignore_startup_parameters; a stock PgBouncer refuses options=, Neon's pooler accepts "
+    "options=endpoint%3D<endpoint-id>"
+)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a failure means for the user: rejected (fix the configuration) or unavailable."""
+
+    rejected: bool
+    advice: str
+
+
+_AUTH = _Kind(rejected=True, advice=_CHECK_LOGIN)
+_POOLER_AUTH = _Kind(
+    rejected=True,
+    advice=f"{_CHECK_LOGIN} (the pooler does not say whether the user or the password is wrong)",
+)
+_POOLER_DATABASE = _Kind(
+    rejected=True,
+    advice=f"the pooler has no such database configured; {_CHECK_DATABASE}",
+)
+_UNKNOWN_DATABASE = _Kind(rejected=True, advice=_CHECK_DATABASE)
+_STARTUP_PARAMETER = _Kind(rejected=True, advice=_OPTIONS_ADVICE)
+_TLS_REQUIRED = _Kind(
+    rejected=True,
+    advice="the server accepts only TLS connections: use sslmode=require or verify-full",
+)
+_POOLER_BUSY = _Kind(rejected=False, advice=_RETRY)
+
+# PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01 (src/client.c,
+# src/objects.c, src/janitor.c of PgBouncer 1.25.2; 1.18 sends the same texts, except that it
+# refuses `options` as a whole with "unsupported startup parameter: options"). A text matches
+# when the message starts with it; what follows is PgBouncer's detail (a name, a parameter).
+# PgBouncer 1.18 also relays the server's own login failure under 08P01 (1.19+ keep the
+# server's SQLSTATE): PostgreSQL's "password authentication failed for user ..." starts like
+# PgBouncer's own text and is matched with it. Anything not listed is `DatabaseUnavailable`.
+PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
+    "password authentication failed": _POOLER_AUTH,
+    "SASL authentication failed": _POOLER_AUTH,
+    '"trust" authentication failed': _POOLER_AUTH,
+    "no such user": _POOLER_AUTH,
+    "login rejected": _POOLER_AUTH,
+    "no authentication method is found": _POOLER_AUTH,
+    "certificate authentication failed": _POOLER_AUTH,
+    "unix socket login rejected": _POOLER_AUTH,
+    "empty password returned by client": _POOLER_AUTH,
+    "no username supplied": _POOLER_AUTH,
+    "username too long": _POOLER_AUTH,
+    "password too long": _POOLER_AUTH,
+    "no such database": _POOLER_DATABASE,
+    "unsupported startup parameter": _STARTUP_PARAMETER,  # ": <name>", or " in options: <name>"
+    "unsupported options startup parameter": _STARTUP_PARAMETER,  # options not "-c name=value"
+    "SSL required": _TLS_REQUIRED,
+    # Transient: the pooler is busy, restarting or cannot reach the server right now.
+    "no more connections allowed": _POOLER_BUSY,  # max_client_conn
+    "client connections exceeded": _POOLER_BUSY,  # max_db/user_client_connections
+    "query_wait_timeout": _POOLER_BUSY,
+    "client_login_timeout": _POOLER_BUSY,
+    "server login has been failing": _POOLER_BUSY,  # server_login_retry
+    "server shutting down": _POOLER_BUSY,
+    "pooler is shutting down": _POOLER_BUSY,
+    "suspend_timeout": _POOLER_BUSY,
+}
+
+_PROTOCOL_VIOLATION = "08P01"  # PgBouncer's SQLSTATE for everything it reports itself
+_AUTH_CLASS = "28"
+_UNKNOWN_DATABASE_STATE = "3D000"
+_INSUFFICIENT_PRIVILEGE = "42501"  # e.g. CONNECT revoked on the database
+_SETTING_CLASSES = ("22", "42")  # a startup setting the server refuses (bad name or value)
+_HOSTNAME_MISMATCH_CODES = frozenset({62, 64})  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
+
+
+def explain_connect_failure(
+    error: BaseException, *, tls: TlsIntent | None, password: str | None = None
+) -> TodoStoreError | None:
+    """The package's error for a failed connection attempt, or None if `error` is not one.
+
+    `tls` is the URL's TLS intent (`to_asyncpg(url).tls`), used to say why a certificate was
+    checked; `password`, if given, is redacted from every text taken from the error.
+    """
+    if not isinstance(error, Exception) or isinstance(error, TodoStoreError):
+        return None
+    cause = _driver_error(error)
+    if cause is None:
+        return None
+    explained: TodoStoreError | None
+    if isinstance(cause, asyncpg.PostgresError):
+        explained = _server_error(cause)
+    elif isinstance(cause, ssl.SSLCertVerificationError):
+        explained = _certificate_error(cause, tls)
+    elif isinstance(cause, asyncpg.ConnectionDoesNotExistError):
+        explained = DatabaseUnavailable(
+            f"could not connect: the server closed the connection during login ({cause}) — {_RETRY}"
+        )
+    elif isinstance(cause, TimeoutError):  # asyncio's too; before OSError, its base
+        explained = DatabaseUnavailable(
+            f"could not connect: no answer within the connect timeout (connect_timeout) — {_RETRY}"
+        )
+    elif isinstance(cause, OSError):
+        explained = DatabaseUnavailable(f"could not connect: {_os_reason(cause)} — {_RETRY}")
+    else:
+        return None
+    return _redacted(explained, password)
+
+
+def _driver_error(error: BaseException) -> BaseException | None:
+    """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping.
+
+    SQLAlchemy 2.1 raises its own `AsyncAdapt_asyncpg_dbapi.Error` from asyncpg's (as
+    `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through.
+    """
+    for candidate in _chain(error):
+        if isinstance(candidate, asyncpg.PostgresError | ssl.SSLCertVerificationError):
+            return candidate
+        if isinstance(candidate, asyncpg.ConnectionDoesNotExistError | OSError):
+            return candidate
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        for linked in (orig, current.__cause__, current.__context__):
+            if isinstance(linked, Exception):
+                pending.append(linked)
+
+
+def _server_error(error: asyncpg.PostgresError) -> TodoStoreError:
+    sqlstate = error.sqlstate or ""
+    reason = _one_line(str(getattr(error, "message", None) or error))
+    if sqlstate == _PROTOCOL_VIOLATION:
+        return _pooler_error(reason)
+    if sqlstate.startswith(_AUTH_CLASS):
+        advice = _CHECK_LOGIN
+        if sqlstate == "28000":  # pg_hba.conf: this user/database/host/TLS combination
+            advice = (
+                "the server's access rules refuse this user, database or connection type: "
+                "check them in DATABASE_URL, and use sslmode=require if it accepts only TLS"
+            )
+        return ConnectionRejected(reason, advice, sqlstate=sqlstate)
+    if sqlstate == _UNKNOWN_DATABASE_STATE:
+        return ConnectionRejected(reason, _CHECK_DATABASE, sqlstate=sqlstate)
+    if sqlstate == _INSUFFICIENT_PRIVILEGE:
+        advice = "grant the role CONNECT on the database, or use a role that has it"
+        return ConnectionRejected(reason, advice, sqlstate=sqlstate)
+    if sqlstate.startswith(_SETTING_CLASSES):
+        advice = (
+            "the server refused a setting sent at connect (options= or application_name= in "
+            "DATABASE_URL): fix or remove it; options=endpoint%3D... is for Neon's proxy only"
+        )
+        return ConnectionRejected(reason, advice, sqlstate=sqlstate)
+    # Shutting down / starting up (57P01-57P03), too many connections (53300), other
+    # connection exceptions (08xxx) and anything unknown: may pass, say what the server said.
+    return DatabaseUnavailable(f"could not connect: {reason} (SQLSTATE {sqlstate}) — {_RETRY}")
+
+
+def _pooler_error(reason: str) -> TodoStoreError:
+    for text, kind in PGBOUNCER_LOGIN_MESSAGES.items():
+        if reason.startswith(text):
+            if kind is _STARTUP_PARAMETER:
+                return ConnectionRejected(
+                    reason, _startup_parameter_advice(reason), sqlstate=_PROTOCOL_VIOLATION
+                )
+            if kind.rejected:
+                return ConnectionRejected(reason, kind.advice, sqlstate=_PROTOCOL_VIOLATION)
+            break
+    return DatabaseUnavailable(
+        f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {_RETRY}"
+    )
+
+
+def _startup_parameter_advice(reason: str) -> str:
+    """Name the refused parameter: "unsupported startup parameter: <name>" (any version),
+    "... in options: <setting>" and "unsupported options startup parameter: ..." (1.20+)."""
+    head, _, detail = reason.partition(":")
+    name = "options" if "options" in head else detail.strip()
+    if name != "options":
+        return (
+            f"the pooler refuses the startup parameter {name}: remove it from DATABASE_URL or "
+            "add it to the pooler's ignore_startup_parameters"
+        )
+    return f"the pooler refuses the startup parameter options: {_OPTIONS_ADVICE}"
+
+
+def _certificate_error(
+    error: ssl.SSLCertVerificationError, tls: TlsIntent | None
+) -> TodoStoreError:
+    reason = _one_line(error.verify_message or error.reason or str(error))
+    why = _why_verified(tls)
+    if error.verify_code in _HOSTNAME_MISMATCH_CODES:
+        if tls is not None and tls.reason == "channel_binding=require":
+            fix = "connect by the host name the certificate names (as the provider shows it)"
+        else:
+            fix = (
+                "connect by a host name the certificate names, or use sslmode=verify-ca "
+                "(checks the CA but not the name)"
+            )
+        return ConnectionRejected(reason, f"{why}, and the name does not match: {fix}")
+    if tls is not None and tls.rootcert is not None:
+        fix = f"check that {tls.rootcert} holds the CA that signed the server's certificate"
+    else:
+        fix = _TLS_FIXES
+    return ConnectionRejected(reason, f"{why}: {fix}")
+
+
+def _why_verified(tls: TlsIntent | None) -> str:
+    if tls is None or not tls.verifies:
+        return "the server certificate was verified"
+    if tls.reason == "channel_binding=require":
+        return f"the server certificate is verified because of {_WHY_BINDING}"
+    return f"the server certificate is verified because of {tls.reason}"
+
+
+def _os_reason(error: OSError) -> str:
+    """The operating system's wording ("connection refused"), plus what Python added."""
+    detail = _one_line(str(error))
+    if error.errno is None or isinstance(error, ssl.SSLError):
+        return detail or type(error).__name__
+    try:
+        name = os.strerror(error.errno).lower() if error.errno > 0 else ""
+    except ValueError:
+        name = ""
+    if error.errno == errno_codes.ECONNREFUSED:
+        name = "connection refused"
+    if name and detail:
+        return f"{name} ({detail})"
+    return name or detail or type(error).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _redacted(error: TodoStoreError, password: str | None) -> TodoStoreError:
+    if not password or password not in str(error):
+        return error
+    if isinstance(error, ConnectionRejected):
+        return ConnectionRejected(
+            error.reason.replace(password, "***"),
+            error.advice.replace(password, "***"),
+            sqlstate=error.sqlstate,
+        )
+    return DatabaseUnavailable(str(error).replace(password, "***"))
