@@ -11,12 +11,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import pytest
 import pytest_asyncio
 from sqlalchemy import event, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Mapped
 
 from todo_store import (
     ConflictError,
@@ -31,6 +32,7 @@ from todo_store import (
     UserRead,
     UserRepo,
 )
+from todo_store.schemas import TaskRecord, UserRecord
 
 T = TypeVar("T")
 
@@ -78,9 +80,9 @@ class World:
     users: UserRepo
     me: str
     other: str
-    mine: Task
-    theirs_open: Task
-    theirs_done: Task
+    mine: TaskRecord
+    theirs_open: TaskRecord
+    theirs_done: TaskRecord
 
     async def new_user(self, *, email: str | None = None) -> str:
         user_id = _uid()
@@ -195,7 +197,7 @@ async def test_list_for_default_limit_is_50(world: World) -> None:
     assert len(await world.tasks.list_for(user)) == 50
 
 
-async def test_list_for_returns_current_rows_not_stale_identity_map(
+async def test_list_for_returns_current_rows_after_another_unit_committed(
     store: TodoStore, new_user_id: str
 ) -> None:
     async with store.session() as s:
@@ -203,17 +205,72 @@ async def test_list_for_returns_current_rows_not_stale_identity_map(
         task_id = (await TaskRepo(s).create(new_user_id, title="t")).id
     try:
         async with store.session() as reader:
-            # Held by the caller, so it stays in the reader's (weak-referencing) identity map.
             held = await TaskRepo(reader).get(new_user_id, task_id)
             async with store.session() as writer:
                 await TaskRepo(writer).toggle(new_user_id, task_id)  # committed elsewhere
             listed = await TaskRepo(reader).list_for(new_user_id, completed=True)
         assert [t.id for t in listed] == [task_id]
-        assert listed[0] is held
         assert listed[0].completed is True
+        assert held.completed is False  # a record is the row as it was read, never rewritten
     finally:
         async with store.session() as s:
             await UserRepo(s).delete(new_user_id)
+
+
+# ------------------------------------------------------------- pending ORM changes in the session
+
+
+async def test_returned_records_refuse_assignment_naming_the_way_to_change_them(
+    world: World,
+) -> None:
+    task = await world.tasks.get(world.me, world.mine.id)
+    user = await world.users.get(world.me)
+
+    with pytest.raises(AttributeError, match=r"'title'.*TaskRepo\.update"):
+        task.title = "edited"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match=r"'name'.*UserRepo\.upsert"):
+        user.name = "edited"  # type: ignore[misc]
+    assert (await world.tasks.get(world.me, world.mine.id)).title == "mine"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w: w.tasks.list_for(w.me),
+        lambda w: w.tasks.get(w.me, w.mine.id),
+        lambda w: w.tasks.count_for(w.me),
+        lambda w: w.tasks.toggle(w.me, w.mine.id),
+    ],
+    ids=["list_for", "get", "count_for", "toggle"],
+)
+async def test_a_pending_orm_edit_is_flushed_before_a_repository_call_not_discarded(
+    world: World, call: Callable[[World], Awaitable[Any]]
+) -> None:
+    # The caller's own ORM object, edited and not flushed (the sessions do not autoflush).
+    task = await world.session.get(Task, world.mine.id)
+    assert task is not None
+    task.title = "edited"
+
+    await call(world)
+
+    assert "edited" in {row[1] for row in await _task_rows(world.session, world.me)}
+    assert task.title == "edited"
+    assert not world.session.dirty
+    assert (await world.tasks.get(world.me, world.mine.id)).title == "edited"
+
+
+async def test_a_pending_orm_edit_survives_list_for_and_commits(
+    store: TodoStore, committed: tuple[str, int]
+) -> None:
+    user_id, task_id = committed
+    async with store.session() as s:
+        task = await s.get(Task, task_id)
+        assert task is not None
+        task.title = "edited"
+        listed = await TaskRepo(s).list_for(user_id)
+        assert [t.title for t in listed] == ["edited"]
+    async with store.session() as s:
+        assert (await TaskRepo(s).get(user_id, task_id)).title == "edited"
 
 
 # ------------------------------------------------------------------------- single-task methods
@@ -751,19 +808,36 @@ async def test_returned_objects_are_readable_after_the_unit_commits(
     assert objects
 
     for obj in objects:
-        state = inspect(obj)
-        assert state.detached  # the session is closed: any lazy load would raise now
-        assert not state.unloaded, f"not loaded: {state.unloaded}"
-        if isinstance(obj, Task):
+        # A record is complete by construction: every column of its table, no loader behind it.
+        assert isinstance(obj, TaskRecord | UserRecord)
+        assert None not in (obj.id, obj.created_at)
+        if isinstance(obj, TaskRecord):
             read: TaskRead | UserRead = TaskRead.model_validate(obj)
             assert read.user_id == user_id
             assert read.id > 0
             assert read.updated_at >= read.created_at
         else:
-            assert isinstance(obj, User)
             read = UserRead.model_validate(obj)
             assert read.id == user_id
         assert read.created_at.tzinfo is not None
+
+
+def _mapped_types(model: type[Any]) -> dict[str, Any]:
+    return {
+        name: get_args(hint)[0]
+        for name, hint in get_type_hints(model).items()
+        if get_origin(hint) is Mapped
+    }
+
+
+@pytest.mark.parametrize(("record", "model"), [(TaskRecord, Task), (UserRecord, User)])
+def test_records_have_exactly_the_models_columns_and_types(
+    record: type[Any], model: type[Any]
+) -> None:
+    columns = [column.key for column in inspect(model).columns]
+
+    assert list(record._fields) == columns
+    assert get_type_hints(record) == _mapped_types(model)
 
 
 async def test_a_failed_call_rolls_back_the_whole_unit(store: TodoStore, new_user_id: str) -> None:

@@ -32,15 +32,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, A
 from todo_store import (
     EmailTaken,
     Settings,
-    Task,
     TaskNotFound,
     TaskRepo,
     TodoStore,
-    User,
     UserNotFound,
     UserRepo,
     create_engine,
 )
+from todo_store.schemas import TaskRecord, UserRecord
 
 T = TypeVar("T")
 
@@ -58,7 +57,7 @@ class Row:
     completed: bool
 
 
-def _row(task: Task) -> Row:
+def _row(task: TaskRecord) -> Row:
     return Row(task.title, task.description, task.completed)
 
 
@@ -135,7 +134,7 @@ class RepositoryMachine(RuleBasedStateMachine):
 
         return self.run(attempt())
 
-    def _upsert(self, user: str, email: str, name: str) -> User:
+    def _upsert(self, user: str, email: str, name: str) -> UserRecord:
         return self.run(self.users.upsert(user, email=email, name=name))
 
     # --------------------------------------------------------------------------- rules
@@ -398,7 +397,7 @@ async def test_concurrent_upserts_of_one_email_let_exactly_one_win(
     email = f"race.{new_user_id}@example.com"
     ids = [f"{new_user_id}_{n:02d}" for n in range(20)]
 
-    async def upsert(n: int, user_id: str) -> User:
+    async def upsert(n: int, user_id: str) -> UserRecord:
         spelling = email.upper() if n % 2 else email  # the same email, in either case
         async with store.session() as s:
             return await UserRepo(s).upsert(user_id, email=spelling, name=f"Racer {n}")
@@ -408,7 +407,7 @@ async def test_concurrent_upserts_of_one_email_let_exactly_one_win(
             *(upsert(n, user_id) for n, user_id in enumerate(ids)), return_exceptions=True
         )
 
-        winners = [r for r in results if isinstance(r, User)]
+        winners = [r for r in results if isinstance(r, UserRecord)]
         losers = [r for r in results if isinstance(r, EmailTaken)]
         assert len(winners) == 1, results
         assert len(losers) == 19, results

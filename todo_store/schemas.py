@@ -1,14 +1,17 @@
-"""Validation rules for everything a caller passes in, and read models for responses.
+"""Validation rules for everything a caller passes in, and read models for results.
 
 Each rule is written once, as an annotated type, and used by the repositories before any
 SQL is sent. A rule violation raises `pydantic.ValidationError` (a `ValueError`) whose
 error locations name the offending field.
+
+`TaskRecord` / `UserRecord` are what the repositories return: a row as stored, immutable,
+detached from any session. `TaskRead` / `UserRead` are the pydantic models an API returns.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -146,3 +149,51 @@ class UserRead(BaseModel):
     email: str
     name: str
     created_at: datetime
+
+
+class TaskRecord(NamedTuple):
+    """A task as stored, returned by `TaskRepo`: complete, immutable, tied to no session.
+
+    Fields are the `tasks` columns (the `Task` model); reading one never touches the
+    database. Assigning to one raises `AttributeError`: change a task with
+    `TaskRepo.update(...)` (or `toggle`, `set_completed`), which writes it at once.
+    """
+
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"TaskRecord is read-only (tried to set {name!r}): "
+            "change a task with TaskRepo.update(), toggle() or set_completed()"
+        )
+
+    def __repr__(self) -> str:
+        # Titles and descriptions are user data: kept out of reprs, like bound parameters.
+        return f"TaskRecord(id={self.id!r}, user_id={self.user_id!r}, completed={self.completed!r})"
+
+
+class UserRecord(NamedTuple):
+    """A user as stored, returned by `UserRepo`: complete, immutable, tied to no session.
+
+    Fields are the `users` columns (the `User` model). Change a user with
+    `UserRepo.upsert(...)`; assigning to a field raises `AttributeError`.
+    """
+
+    id: str
+    email: str
+    name: str
+    created_at: datetime
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"UserRecord is read-only (tried to set {name!r}): change a user with UserRepo.upsert()"
+        )
+
+    def __repr__(self) -> str:
+        return f"UserRecord(id={self.id!r})"
