@@ -1,4 +1,11 @@
-"""The Neon / PgBouncer rules, proven through a real PgBouncer in transaction mode."""
+"""The Neon / PgBouncer rules, proven through a real PgBouncer in transaction mode.
+
+The gauntlet: 120 workers each run 12 units of work of mixed repository calls (1,440 units)
+through a PgBouncer of its own (pool of 4 server connections), atomic or not, with statement
+caching off through any PgBouncer and on through one that tracks prepared statements; a
+round-trip proxy in front of PgBouncer watches the wire. Then the final rows are checked
+exactly (no error, no lost write) and every server connection is asked what it still holds.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,25 @@ import asyncio
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
-from conftest import command_env
+from conftest import command_env, start_tracking_pgbouncer
 from sqlalchemy import text
 
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
+from todo_store.testing.proxy import RoundTripProxy
 
 ROOT = Path(__file__).resolve().parent.parent
+ATOMIC = [pytest.param(True, id="atomic"), pytest.param(False, id="non-atomic")]
+WORKERS = 120
+UNITS_PER_WORKER = 12
+BOUNCER_POOL_SIZE = 4
 
 
 async def _terminate_backends(settings: Settings) -> int:
@@ -73,30 +85,73 @@ async def _named_prepared_statements(bouncer: PgBouncer, pool_size: int) -> list
             await client.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_pgbouncer(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[PgBouncer]:
+@pytest.fixture
+def own_pgbouncer(todo_store_pgbouncer: PgBouncer) -> Iterator[PgBouncer]:
     """A PgBouncer of this test's own (pool of 4), so its server connections start empty."""
     with PgBouncer(todo_store_pgbouncer.server, todo_store_pgbouncer.database, pool_size=4) as b:
         yield b
 
 
-@pytest.mark.pgbouncer
-async def test_concurrent_units_of_work_through_pgbouncer(own_pgbouncer: PgBouncer) -> None:
-    async with TodoStore(settings_for(own_pgbouncer.url)) as pooled_store:
-        await _mixed_units_of_work(pooled_store)
-    assert await _named_prepared_statements(own_pgbouncer, pool_size=4) == [0, 0, 0, 0]
+@dataclass(frozen=True)
+class Gauntlet:
+    """What a gauntlet run found."""
+
+    units: int
+    errors: list[str]
+    lost_writes: int
+    left_per_server: list[int]  # named statements on each of the pool's server connections
+    distinct_named: int  # distinct query texts the clients prepared under a name
+    named_parses: int
+    unparsed_unnamed_binds: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.units} units, {len(self.errors)} errors, {self.lost_writes} lost writes, "
+            f"statements left per server {self.left_per_server}, "
+            f"{self.distinct_named} distinct named statements sent ({self.named_parses} Parse), "
+            f"{self.unparsed_unnamed_binds} unnamed Binds without their Parse"
+        )
 
 
-async def _mixed_units_of_work(pooled_store: TodoStore) -> None:
-    """120 concurrent units of mixed repository calls; the final state is checked exactly."""
+async def _run_gauntlet(bouncer: PgBouncer, *, atomic: bool, statement_cache: bool) -> Gauntlet:
+    async with RoundTripProxy.in_front_of(bouncer.url) as proxy:
+        settings = settings_for(proxy.url_for(bouncer.url)).model_copy(
+            update={"statement_cache": statement_cache}
+        )
+        async with TodoStore(settings) as store:
+            errors, lost = await _mixed_units_of_work(store, atomic=atomic)
+        stats = proxy.snapshot()
+        distinct = len(proxy.named_statement_texts)
+    left = await _named_prepared_statements(bouncer, pool_size=BOUNCER_POOL_SIZE)
+    result = Gauntlet(
+        units=WORKERS * UNITS_PER_WORKER,
+        errors=errors,
+        lost_writes=lost,
+        left_per_server=left,
+        distinct_named=distinct,
+        named_parses=stats.named_statements,
+        unparsed_unnamed_binds=stats.unparsed_unnamed_binds,
+    )
+    version = ".".join(map(str, bouncer.version))
+    mode = "atomic" if atomic else "non-atomic"
+    print(f"\ngauntlet, PgBouncer {version}, {mode}, cache {statement_cache}: {result}")
+    return result
+
+
+async def _mixed_units_of_work(store: TodoStore, *, atomic: bool) -> tuple[list[str], int]:
+    """`WORKERS` workers, `UNITS_PER_WORKER` units each, of mixed repository calls.
+
+    Returns the errors raised and the number of lost writes, found by checking every row
+    left against what the units that succeeded must have written.
+    """
     users = [f"pool_{secrets.token_hex(4)}_{n}" for n in range(4)]
-    async with pooled_store.session() as session:
+    async with store.session() as session:
         for user_id in users:
             await UserRepo(session).upsert(user_id, email=f"{user_id}@example.com", name="P")
 
     async def unit(n: int) -> None:
         user_id = users[n % len(users)]
-        async with pooled_store.session() as session:
+        async with store.session(atomic=atomic) as session:
             tasks = TaskRepo(session)
             task = await tasks.create(user_id, title=f"task {n}")
             await tasks.toggle(user_id, task.id)
@@ -105,22 +160,72 @@ async def _mixed_units_of_work(pooled_store: TodoStore) -> None:
             if n % 3 == 0:
                 await tasks.delete(user_id, task.id)
 
-    units = 120
-    results = await asyncio.gather(*(unit(n) for n in range(units)), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert errors == []
+    errors: list[str] = []
 
-    async with pooled_store.session() as session:
-        tasks = TaskRepo(session)
-        per_user = [await tasks.count_for(u, completed=True) for u in users]
-        assert sum(per_user) == units - len(range(0, units, 3))
-        assert [await tasks.count_for(u, completed=False) for u in users] == [0, 0, 0, 0]
+    async def worker(w: int) -> None:
+        for k in range(UNITS_PER_WORKER):
+            try:
+                await unit(w * UNITS_PER_WORKER + k)
+            except Exception as error:  # counted and shown: that is the measurement
+                errors.append(f"{type(error).__name__}: {error}")
+
+    await asyncio.gather(*(worker(w) for w in range(WORKERS)))
+    units = WORKERS * UNITS_PER_WORKER
+    kept = {n for n in range(units) if n % 3}
+    async with store.session() as session:
+        found = 0
+        for user_id in users:  # at most 360 tasks each: one page of 500 holds them all
+            for task in await TaskRepo(session).list_for(user_id, limit=500):
+                n = int(task.title.removeprefix("task "))
+                if n in kept and task.completed and task.description == f"unit {n}":
+                    found += 1
         for user_id in users:
             await UserRepo(session).delete(user_id)
+    return errors, len(kept) - found
 
 
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("atomic", ATOMIC)
+async def test_gauntlet_through_pgbouncer(own_pgbouncer: PgBouncer, atomic: bool) -> None:
+    """Caching off, through a PgBouncer that does not track prepared statements."""
+    found = await _run_gauntlet(own_pgbouncer, atomic=atomic, statement_cache=False)
+    assert found.errors == []
+    assert found.lost_writes == 0
+    assert found.left_per_server == [0] * BOUNCER_POOL_SIZE
+    assert found.named_parses == 0
+    assert found.unparsed_unnamed_binds == 0
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("statement_cache", [False, True], ids=["cache-off", "cache-on"])
+@pytest.mark.parametrize("atomic", ATOMIC)
+async def test_gauntlet_through_tracking_pgbouncer(
+    todo_store_pgbouncer: PgBouncer, atomic: bool, statement_cache: bool
+) -> None:
+    """Through a PgBouncer that tracks prepared statements (max_prepared_statements = 1000)."""
+    bouncer = start_tracking_pgbouncer(
+        todo_store_pgbouncer.server, todo_store_pgbouncer.database, pool_size=BOUNCER_POOL_SIZE
+    )
+    try:
+        found = await _run_gauntlet(bouncer, atomic=atomic, statement_cache=statement_cache)
+    finally:
+        bouncer.stop()
+    assert found.errors == []
+    assert found.lost_writes == 0
+    assert found.unparsed_unnamed_binds == 0
+    if statement_cache:
+        # PgBouncer keeps one server-side copy per distinct statement and server connection.
+        assert found.distinct_named > 0
+        assert all(0 <= n <= found.distinct_named for n in found.left_per_server)
+        assert any(found.left_per_server)  # the count does see PgBouncer's statements
+    else:
+        assert found.named_parses == 0
+        assert found.left_per_server == [0] * BOUNCER_POOL_SIZE
+
+
+@pytest.mark.parametrize("atomic", ATOMIC)
 async def test_pool_of_dead_connections_recovers_on_next_unit(
-    todo_store_settings: Settings, new_user_id: str
+    todo_store_settings: Settings, new_user_id: str, atomic: bool
 ) -> None:
     async with TodoStore(todo_store_settings.model_copy(update={"pool_size": 3})) as store:
         await _fill_pool(store, 3)
@@ -128,7 +233,7 @@ async def test_pool_of_dead_connections_recovers_on_next_unit(
         assert await _terminate_backends(todo_store_settings) >= 3
 
         async def unit(n: int) -> str:
-            async with store.session() as session:
+            async with store.session(atomic=atomic) as session:
                 user = await UserRepo(session).upsert(
                     f"{new_user_id}_{n}", email=f"{new_user_id}_{n}@example.com", name="L"
                 )
@@ -142,25 +247,27 @@ async def test_pool_of_dead_connections_recovers_on_next_unit(
 
 
 @pytest.mark.pgbouncer
+@pytest.mark.parametrize("atomic", ATOMIC)
 async def test_server_connections_killed_behind_pgbouncer(
-    pooled_store: TodoStore, todo_store_settings: Settings, new_user_id: str
+    pooled_store: TodoStore, todo_store_settings: Settings, new_user_id: str, atomic: bool
 ) -> None:
     await _fill_pool(pooled_store, 4)
     assert await _terminate_backends(todo_store_settings) >= 1
-    async with pooled_store.session() as session:
+    async with pooled_store.session(atomic=atomic) as session:
         await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="K")
     async with pooled_store.session() as session:
         await UserRepo(session).delete(new_user_id)
 
 
 @pytest.mark.pgbouncer
+@pytest.mark.parametrize("atomic", ATOMIC)
 async def test_pgbouncer_restart_is_survived_without_caller_retry(
-    pooled_store: TodoStore, todo_store_pgbouncer: PgBouncer, new_user_id: str
+    pooled_store: TodoStore, todo_store_pgbouncer: PgBouncer, new_user_id: str, atomic: bool
 ) -> None:
     await _fill_pool(pooled_store, 4)
     todo_store_pgbouncer.restart()  # every client connection in the pool is now dead
     for n in range(4):
-        async with pooled_store.session() as session:
+        async with pooled_store.session(atomic=atomic) as session:
             await UserRepo(session).upsert(
                 f"{new_user_id}_{n}", email=f"{new_user_id}_{n}@x.io", name="R"
             )
