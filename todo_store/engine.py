@@ -87,11 +87,26 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
         "pool_recycle": settings.pool_recycle,
         "pool_pre_ping": False,  # replaced by the socket check at checkout, at no cost
         "hide_parameters": True,  # parameters (emails, titles) stay out of logs and errors
+        "logging_name": _LOGGING_NAME,
     }
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
     add_store_events(engine)
     return engine
+
+
+class _NoRowLogging(logging.Filter):
+    """Drops SQLAlchemy's `Row (...)` debug lines: rows hold the same emails and titles that
+    `hide_parameters` keeps out of the statement lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Row %r"
+
+
+# With echo=True SQLAlchemy logs to "sqlalchemy.engine.Engine.<logging_name>": the filter sits
+# on that logger only, so engines that are not the store's are untouched.
+_LOGGING_NAME = "todo_store"
+logging.getLogger(f"sqlalchemy.engine.Engine.{_LOGGING_NAME}").addFilter(_NoRowLogging())
 
 
 def add_store_events(engine: AsyncEngine) -> None:
@@ -209,7 +224,9 @@ def _outcome_unknown(context: ExceptionContext) -> bool:
     if conn.info.get(_COMMITTING):
         return True
     execution = context.execution_context
-    if execution is None or conn.get_isolation_level() != "AUTOCOMMIT":
+    # The execution option, not get_isolation_level(): that would query the server.
+    autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    if execution is None or not autocommit:
         return False
     compiled = execution.compiled
     is_read = compiled is not None and bool(getattr(compiled.statement, "is_select", False))
