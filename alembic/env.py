@@ -3,6 +3,11 @@
 The URL comes from `todo_store.Settings` (environment or `.env`), never from alembic.ini,
 and is always the direct (unpooled) one. Code and tests can hand in a connection through
 `config.attributes["connection"]` (see `todo_store.migrations`).
+
+Online and offline (`--sql`) alike, every migration transaction first takes the package's
+advisory lock and sets `lock_timeout` (`todo_store.migrations.lock_statements`). The models
+compared by `alembic check` / autogenerate are the package's plus those an application's
+alembic.ini names with `target_metadata = module:attribute`.
 """
 
 import asyncio
@@ -11,33 +16,51 @@ import logging.config
 from alembic import context
 from sqlalchemy import Connection
 
-from todo_store.migrations import create_migration_engine, direct_settings, run_migrations
-from todo_store.models import Base
+from todo_store.migrations import (
+    create_migration_engine,
+    lock_statements,
+    record_applied,
+    run_migrations,
+    target_metadata,
+)
 from todo_store.settings import Settings
 
 config = context.config
-if config.config_file_name is not None and not config.attributes.get("connection"):
+if (
+    config.config_file_name is not None
+    and not config.attributes.get("connection")
+    and config.file_config.has_section("loggers")  # an application's file may have none
+):
     logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = Base.metadata
+metadata = target_metadata(config)
 settings: Settings = config.attributes.get("settings") or Settings()
 
 
 def run_migrations_offline() -> None:
-    """Emit SQL to stdout (`alembic upgrade head --sql`) instead of running it."""
-    chosen, _ = direct_settings(settings)
+    """Emit SQL to stdout (`alembic upgrade head --sql`) instead of running it.
+
+    Only the dialect matters here, so every URL form the package accepts works.
+    """
     context.configure(
-        url=chosen.database_url.get_secret_value(),
-        target_metadata=target_metadata,
+        dialect_name="postgresql",
+        target_metadata=metadata,
         literal_binds=True,
         compare_type=True,
     )
     with context.begin_transaction():
+        for statement in lock_statements(settings):
+            context.execute(statement)
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        compare_type=True,
+        on_version_apply=record_applied(config),
+    )
 
     def run() -> None:
         with context.begin_transaction():

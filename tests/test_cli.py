@@ -8,6 +8,7 @@ working directory is a temporary one).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import sys
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ import pytest_asyncio
 from conftest import command_env
 from sqlalchemy.engine import URL, make_url
 
+import todo_store
 from todo_store import migrations
-from todo_store.schema_checks import STEP7_CHECKS
+from todo_store.schema_checks import SCHEMA_CHECKS
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import (
@@ -29,7 +31,7 @@ from todo_store.testing.postgres import (
     ProvisionedServer,
 )
 
-STEP7 = [name for name, _ in STEP7_CHECKS]
+SCHEMA = [name for name, _ in SCHEMA_CHECKS]
 DOCTOR = [
     "connect",
     "server",
@@ -39,9 +41,9 @@ DOCTOR = [
     "statement cache",
     "revision",
     "drift",
-    *STEP7,
+    *SCHEMA,
 ]
-UPGRADE_HINT = "run `alembic upgrade head`"
+UPGRADE_HINT = "run `todo-store migrate`"
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ async def test_doctor_passes_every_check_on_a_migrated_database(
     assert [check["name"] for check in checks] == DOCTOR
     assert all(check["ok"] is True and check["hint"] == "" for check in checks)
     assert all(set(check) == {"name", "ok", "detail", "hint"} for check in checks)
-    # The Step 7 checks wrote users and tasks; both runs rolled them back.
+    # The schema checks wrote users and tasks; both runs rolled them back.
     assert await row_counts(migrated_url) == (0, 0)
 
 
@@ -157,7 +159,7 @@ async def test_doctor_on_a_schema_behind_head(
     assert revision.endswith(f"— {UPGRADE_HINT}")
     assert run.line("drift").startswith("✘ drift: not compared: Target database is not up to date")
     checks = (await run_cli(tmp_path, "doctor", "--json", database_url=empty_database)).by_name()
-    for name in STEP7:  # reported, not crashed: each names the fix
+    for name in SCHEMA:  # reported, not crashed: each names the fix
         assert checks[name]["ok"] is False
         assert UPGRADE_HINT in f"{checks[name]['detail']} {checks[name]['hint']}"
 
@@ -227,7 +229,7 @@ async def test_demo_on_database_url_persists_only_the_schema(
     run = await run_cli(tmp_path, "demo", database_url=empty_database)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.lines[0] == f"database: {make_url(empty_database).render_as_string()} (DATABASE_URL)"
-    for name in STEP7:
+    for name in SCHEMA:
         assert run.line(name).startswith(f"✔ {name}: ")
     assert "TaskNotFound: task" in run.stdout
     assert "(cascade)" in run.stdout
@@ -245,7 +247,7 @@ async def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path: Pat
     assert run.returncode == 0, run.stdout + run.stderr
     first = run.lines[0]
     assert first.endswith("(embedded PostgreSQL, deleted on exit)")
-    for name in STEP7:
+    for name in SCHEMA:
         assert run.line(name).startswith(f"✔ {name}: ")
     # The server lived in a temporary directory (its socket dir is in the URL); it is gone.
     socket_dir = make_url(first.split()[1]).query["host"]
@@ -253,11 +255,37 @@ async def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path: Pat
     assert not Path(socket_dir).parent.exists()
 
 
-async def test_migrate_upgrades_to_head(empty_database: str, tmp_path: Path) -> None:
+async def test_migrate_says_what_it_applied(empty_database: str, tmp_path: Path) -> None:
     run = await run_cli(tmp_path, "migrate", database_url=empty_database)
     assert run.returncode == 0, run.stderr
+    head = migrations.head_revision()
     assert run.lines == [
         f"migrations use {make_url(empty_database).render_as_string()} (DATABASE_URL)",
-        f"at revision {migrations.head_revision()} (head)",
+        "applied 0001: Initial schema: users, tasks, the owner index and the updated_at trigger.",
+        "applied 0002: Move the updated_at trigger onto the package's own function,"
+        " todo_store_set_updated_at().",
+        f"at head {head}",
     ]
-    assert await migrations.current_revision(settings_for(empty_database)) == "0001"
+    assert await migrations.current_revision(settings_for(empty_database)) == head
+
+    again = await run_cli(tmp_path, "migrate", database_url=empty_database)
+    assert again.returncode == 0, again.stderr
+    assert again.lines[1:] == [f"already at head {head}: nothing to apply"]
+
+
+async def test_version(tmp_path: Path) -> None:
+    run = await run_cli(tmp_path, "--version", database_url=None)
+    assert run.returncode == 0
+    assert run.stdout.strip() == f"todo-store {todo_store.__version__}"
+    assert todo_store.__version__ == importlib.metadata.version("todo-store")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["doctor", "--help"], ["demo", "--help"], ["migrate", "--help"]],
+)
+async def test_help_speaks_the_users_words(tmp_path: Path, args: list[str]) -> None:
+    run = await run_cli(tmp_path, *args, database_url=None)
+    assert run.returncode == 0
+    for internal in ("seed", "step 7", "step7"):
+        assert internal not in run.stdout.lower()

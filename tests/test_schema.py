@@ -1,18 +1,20 @@
-"""The seed's Step 7 and Validation list, automated against the migrated schema."""
+"""The schema the migrations build, checked against a live database; and the migrations
+themselves: round trips, lock timeout, offline SQL, the trigger function's name."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from conftest import command_env
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from todo_store import DatabaseError, InvalidData, UserNotFound, migrations
+from todo_store import DatabaseError, InvalidData, Settings, UserNotFound, migrations
 from todo_store.engine import create_engine
 from todo_store.testing.plugin import settings_for
 
@@ -91,7 +93,7 @@ async def test_updated_at_trigger_is_installed(session: AsyncSession) -> None:
            FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
            WHERE t.tgrelid = 'tasks'::regclass AND NOT t.tgisinternal""",
     )
-    assert triggers == [("update_tasks_updated_at", "update_updated_at_column", True, True, True)]
+    assert triggers == [("update_tasks_updated_at", "todo_store_set_updated_at", True, True, True)]
 
 
 async def test_ids_are_sequential_and_never_reused(session: AsyncSession) -> None:
@@ -217,7 +219,7 @@ async def test_migration_round_trip(empty_database: str) -> None:
     await migrations.upgrade(settings)
     assert await _schema_objects(empty_database) == (
         {"users", "tasks", "alembic_version"},
-        {"update_updated_at_column"},
+        {"todo_store_set_updated_at"},
     )
     await migrations.downgrade(settings, "base")
     assert await _schema_objects(empty_database) == ({"alembic_version"}, set())
@@ -247,7 +249,8 @@ async def test_alembic_command_line_round_trip(empty_database: str) -> None:
         logs.append(result.stderr)
     assert "migrations use postgresql://postgres" in logs[0]
     assert "(DATABASE_URL)" in logs[0]
-    assert await migrations.current_revision(settings_for(empty_database)) == "0001"
+    current = await migrations.current_revision(settings_for(empty_database))
+    assert current == migrations.head_revision()
 
 
 async def test_migration_ddl_gives_up_behind_a_long_transaction(empty_database: str) -> None:
@@ -262,4 +265,178 @@ async def test_migration_ddl_gives_up_behind_a_long_transaction(empty_database: 
     finally:
         await reader.close()
     assert raised.value.sqlstate == "55P03"  # lock_not_available: lock_timeout fired
-    assert await migrations.current_revision(settings) == "0001"  # nothing half-done
+    # nothing half-done
+    assert await migrations.current_revision(settings) == migrations.head_revision()
+
+
+# ----------------------------------------------------------------- lock timeout, offline SQL
+
+
+def _record_statements(engine: AsyncEngine) -> list[str]:
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("seconds", "sent"), [(0.0004, "1ms"), (0.001, "1ms"), (0.1, "100ms"), (2.5, "2500ms")]
+)
+async def test_lock_timeout_is_never_zero(empty_database: str, seconds: float, sent: str) -> None:
+    settings = settings_for(empty_database).model_copy(update={"migration_lock_timeout": seconds})
+    engine = migrations.create_migration_engine(settings)
+    statements = _record_statements(engine)
+    try:
+        await migrations.upgrade(settings, on=engine)
+    finally:
+        await engine.dispose()
+    # 0 would mean "wait forever": anything under a millisecond is rounded up to one.
+    assert statements[:2] == [
+        f"SELECT pg_advisory_xact_lock({migrations.MIGRATION_LOCK_KEY})",
+        f"SET LOCAL lock_timeout = '{sent}'",
+    ]
+    assert statements[:2] == migrations.lock_statements(settings)
+
+
+OFFLINE_URLS = {
+    "postgres://": "postgres://ada:pw@db.example.com/app",
+    "postgresql://": "postgresql://ada:pw@db.example.com:6543/app",
+    "postgresql+asyncpg://": "postgresql+asyncpg://ada:pw@db.example.com/app",
+    "Neon console string": (
+        "postgresql://ada:pw@ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech/neondb"
+        "?sslmode=require&channel_binding=require"
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(OFFLINE_URLS))
+def test_offline_sql_works_for_every_url_form(form: str) -> None:
+    env = command_env(OFFLINE_URLS[form])
+    env["MIGRATION_LOCK_TIMEOUT"] = "0.0004"
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    statements = [s.strip() for s in result.stdout.split(";\n") if s.strip()]
+    settings = Settings(database_url=OFFLINE_URLS[form], migration_lock_timeout=0.0004)
+    # The same lock and lock_timeout an online run sends, first thing in the transaction.
+    assert statements[:3] == ["BEGIN", *migrations.lock_statements(settings)]
+    assert "SET LOCAL lock_timeout = '1ms'" in statements
+    assert any(s.startswith("CREATE TABLE tasks") for s in statements)
+    assert statements[-1] == "COMMIT"
+    assert "pw@" not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ trigger function name
+
+OTHER_APP_FUNCTION = """
+    CREATE FUNCTION update_updated_at_column() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN NEW.modified = now(); RETURN NEW; END; $$
+"""
+OTHER_APP_TABLE = """
+    CREATE TABLE notes (id int PRIMARY KEY, modified timestamptz);
+    CREATE TRIGGER notes_modified BEFORE UPDATE ON notes
+        FOR EACH ROW EXECUTE FUNCTION update_updated_at_column();
+"""
+
+
+async def _trigger_functions(conn: asyncpg.Connection) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT tgname, tgfoid::regprocedure::text AS f FROM pg_trigger WHERE NOT tgisinternal"
+    )
+    return {row["tgname"]: row["f"] for row in rows}
+
+
+async def _function_source(conn: asyncpg.Connection, name: str) -> str | None:
+    source: str | None = await conn.fetchval("SELECT prosrc FROM pg_proc WHERE proname = $1", name)
+    return source
+
+
+async def _updated_at_moves(conn: asyncpg.Connection) -> bool:
+    async with conn.transaction():
+        await conn.execute("INSERT INTO users (id, email, name) VALUES ('t', 't@x.org', 'T')")
+        task_id = await conn.fetchval(
+            """INSERT INTO tasks (user_id, title, updated_at)
+               VALUES ('t', 'x', '2001-01-01Z') RETURNING id"""
+        )
+        await conn.execute("UPDATE tasks SET title = 'y' WHERE id = $1", task_id)
+        moved: bool = await conn.fetchval(
+            "SELECT updated_at = now() FROM tasks WHERE id = $1", task_id
+        )
+        await conn.execute("DELETE FROM users WHERE id = 't'")
+    return moved
+
+
+async def test_another_applications_trigger_function_is_left_alone(empty_database: str) -> None:
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(OTHER_APP_FUNCTION)
+        await conn.execute(OTHER_APP_TABLE)
+        theirs = await _function_source(conn, "update_updated_at_column")
+        settings = settings_for(empty_database)
+
+        await migrations.upgrade(settings)
+        assert await _trigger_functions(conn) == {
+            "notes_modified": "update_updated_at_column()",
+            "update_tasks_updated_at": "todo_store_set_updated_at()",
+        }
+        assert await _function_source(conn, "update_updated_at_column") == theirs
+        assert await _updated_at_moves(conn)
+
+        await migrations.downgrade(settings, "base")
+        assert await _trigger_functions(conn) == {"notes_modified": "update_updated_at_column()"}
+        assert await _function_source(conn, "update_updated_at_column") == theirs
+    finally:
+        await conn.close()
+
+
+LEGACY_0001_TRIGGER = """
+    DROP TRIGGER update_tasks_updated_at ON tasks;
+    DROP FUNCTION todo_store_set_updated_at();
+    CREATE FUNCTION update_updated_at_column() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN NEW.updated_at = now(); RETURN NEW; END; $$;
+    CREATE TRIGGER update_tasks_updated_at BEFORE UPDATE ON tasks
+        FOR EACH ROW EXECUTE FUNCTION update_updated_at_column();
+"""
+
+
+@pytest.mark.parametrize("other_app", [False, True], ids=["alone", "shared with another app"])
+async def test_a_database_at_the_earlier_0001_moves_to_the_own_function(
+    empty_database: str, other_app: bool
+) -> None:
+    settings = settings_for(empty_database)
+    await migrations.upgrade(settings, "0001")
+    conn = await asyncpg.connect(empty_database)
+    try:
+        # What 0001 created before the trigger function got the package's own name.
+        await conn.execute(LEGACY_0001_TRIGGER)
+        if other_app:
+            await conn.execute(OTHER_APP_TABLE)
+
+        applied = await migrations.upgrade(settings)
+        assert [step.revision for step in applied] == ["0002"]
+        functions = await _trigger_functions(conn)
+        assert functions["update_tasks_updated_at"] == "todo_store_set_updated_at()"
+        assert await _updated_at_moves(conn)
+        # The old function goes unless another application's trigger still uses it.
+        old = await _function_source(conn, "update_updated_at_column")
+        assert (old is not None) is other_app
+
+        await migrations.downgrade(settings, "base")
+        await migrations.upgrade(settings)
+        assert (await _trigger_functions(conn))["update_tasks_updated_at"] == (
+            "todo_store_set_updated_at()"
+        )
+        if not other_app:  # check would report the other application's table
+            await migrations.check(settings)
+    finally:
+        await conn.close()

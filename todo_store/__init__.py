@@ -1,5 +1,8 @@
 """todo_store: async, user-scoped data access for a multi-user todo app on Neon PostgreSQL."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
+
 from todo_store.engine import TodoStore, create_engine, create_sessionmaker
 from todo_store.errors import (
     CommitOutcomeUnknown,
@@ -28,6 +31,11 @@ from todo_store.schemas import (
     UserUpsert,
 )
 from todo_store.settings import Settings
+
+try:
+    __version__ = _installed_version("todo-store")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "UNSET",
@@ -58,6 +66,7 @@ __all__ = [
     "UserRead",
     "UserRepo",
     "UserUpsert",
+    "__version__",
     "create_engine",
     "create_sessionmaker",
 ]

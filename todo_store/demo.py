@@ -1,8 +1,9 @@
 """`todo-store demo`: the package end to end, on a real database, leaving only the schema.
 
-`run_demo(say)` picks the database (`DATABASE_URL`, else an embedded PostgreSQL started in a
-temporary directory and deleted on exit), migrates it to head, then runs the seed's Step 7
-checks and a repository tour, each in ONE transaction that is rolled back. Guarantees:
+`run_demo(say, config=)` picks the database (`DATABASE_URL`, else an embedded PostgreSQL started
+in a temporary directory and deleted on exit), migrates it to head (the package's migrations,
+plus an application's when `config` names its `alembic.ini`), then runs the schema checks and
+a repository tour, each in ONE transaction that is rolled back. Guarantees:
 
 - nothing but the migrated schema outlives the run (on the embedded server, not even that);
 - nothing said contains a password (URLs through `urls.mask`, errors through
@@ -17,7 +18,9 @@ import asyncio
 import importlib.util
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 
+from alembic.util import CommandError
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,8 +32,8 @@ from todo_store.doctor import (
     load_settings,
     render_line,
     rolled_back_session,
+    schema_checks_rolled_back,
     settings_problem,
-    step7_rolled_back,
 )
 from todo_store.engine import create_engine
 from todo_store.errors import TaskNotFound
@@ -90,15 +93,18 @@ async def _tour(session: AsyncSession, say: Say) -> None:
         raise _TourFailed("deleting Bob left his tasks behind")
 
 
-async def _demo(settings: Settings, origin: str, say: Say) -> int:
+async def _demo(settings: Settings, origin: str, say: Say, config: Path | None) -> int:
     say(f"database: {mask(settings.database_url.get_secret_value())} ({origin})")
-    await migrations.upgrade(settings)
-    revision = await migrations.current_revision(settings)
-    say(f"upgrade: at revision {revision} (head {migrations.head_revision()})")
+    applied = await migrations.upgrade(settings, config=config)
+    head = ", ".join(await migrations.current_heads(settings))
+    if applied:
+        say(f"migrate: applied {', '.join(step.revision for step in applied)}, at head {head}")
+    else:
+        say(f"migrate: already at head {head}")
     engine = create_engine(settings)
     try:
-        say("Step 7 checks (rolled back):")
-        results = await step7_rolled_back(engine)
+        say("schema checks (rolled back):")
+        results = await schema_checks_rolled_back(engine)
         for result in results:
             say("  " + render_line(result))
         say("repository tour (rolled back):")
@@ -113,14 +119,17 @@ async def _demo(settings: Settings, origin: str, say: Say) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
-async def _demo_embedded(admin_url: str, say: Say) -> int:
+async def _demo_embedded(admin_url: str, say: Say, config: Path | None) -> int:
     url = await create_database(admin_url, "todo_store_demo")
     settings = Settings(database_url=url, database_url_direct=url)
-    return await _demo(settings, "embedded PostgreSQL, deleted on exit", say)
+    return await _demo(settings, "embedded PostgreSQL, deleted on exit", say, config)
 
 
-def run_demo(say: Say = print) -> int:
-    """Run the demo, saying each line with `say`; returns the exit status (module docstring)."""
+def run_demo(say: Say = print, *, config: Path | None = None) -> int:
+    """Run the demo, saying each line with `say`; returns the exit status (module docstring).
+
+    `config`: an application's `alembic.ini` whose revisions are applied too.
+    """
     try:
         settings = load_settings()
     except MissingDatabaseURL:
@@ -131,12 +140,12 @@ def run_demo(say: Say = print) -> int:
         # Forced, so neither a test server (TODO_STORE_TEST_*) nor Docker is used. The server's
         # whole data directory goes with it: no need to drop the database.
         with provision_server(source="embedded") as server:
-            return asyncio.run(_demo_embedded(server.admin_url, say))
+            return asyncio.run(_demo_embedded(server.admin_url, say, config))
     except ValidationError as error:
         say(f"✘ settings: {settings_problem(error)}")
         return 2
     try:
-        return asyncio.run(_demo(settings, "DATABASE_URL", say))
-    except REPORTABLE_ERRORS as error:
+        return asyncio.run(_demo(settings, "DATABASE_URL", say, config))
+    except (*REPORTABLE_ERRORS, CommandError, migrations.MigrationConfigError) as error:
         say(f"✘ demo: {describe_error(error, settings)}")
         return 1

@@ -1,15 +1,18 @@
-"""The seed's Step 7 ("Test Schema") and Validation list, checked on a live database.
+"""Schema checks: what the migrations promise, checked on a live database.
+
+Tables and column types, the owner index, the `updated_at` trigger, ids never reused, cascade
+delete and the `completed` default: each is checked by reading the catalogs or by writing.
 
 Each `check_*` coroutine runs inside the caller's transaction, returns one line saying what it
 saw, and raises `SchemaCheckFailed` when the schema does not behave as the migrations promise.
 Guarantees:
 
 - a check only reads the catalogs or writes rows of throwaway users (`doctor_<random hex>`) in
-  the caller's transaction; `run_step7` wraps each check in a savepoint it always rolls back, and
-  the caller rolls back the rest, so running them on production leaves no row behind (identity
-  values are consumed, as any rolled-back insert consumes them);
+  the caller's transaction; `run_schema_checks` wraps each check in a savepoint it always rolls
+  back, and the caller rolls back the rest, so running them on production leaves no row behind
+  (identity values are consumed, as any rolled-back insert consumes them);
 - no check sleeps: the `updated_at` check inserts timestamps in the past instead;
-- `run_step7` never raises for a failing check: a `SchemaCheckFailed` or a `TodoStoreError`
+- `run_schema_checks` never raises for a failing check: a `SchemaCheckFailed` or a `TodoStoreError`
   (e.g. `SchemaNotReady` when the tables are missing) becomes a failed `CheckResult`.
 """
 
@@ -23,10 +26,16 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from todo_store.errors import DatabaseError, NotFoundError, SchemaNotReady, TodoStoreError
+from todo_store.errors import (
+    UPGRADE_COMMAND,
+    DatabaseError,
+    NotFoundError,
+    SchemaNotReady,
+    TodoStoreError,
+)
 
 _PAST = "2001-01-01T00:00:00Z"
-UPGRADE_HINT = "run `alembic upgrade head`"
+UPGRADE_HINT = f"run `{UPGRADE_COMMAND}`"
 _RECREATE_HINT = "the schema was altered after migrating: recreate it as migration 0001 does"
 
 # (table, column) -> format_type() of what migration 0001 creates.
@@ -231,9 +240,9 @@ async def check_completed_default(session: AsyncSession) -> str:
     return "INSERT without completed -> false"
 
 
-StepCheck = Callable[[AsyncSession], Awaitable[str]]
+SchemaCheck = Callable[[AsyncSession], Awaitable[str]]
 
-STEP7_CHECKS: list[tuple[str, StepCheck]] = [
+SCHEMA_CHECKS: list[tuple[str, SchemaCheck]] = [
     ("tables and types", check_tables),
     ("index idx_tasks_user_id", check_index),
     ("trigger update_tasks_updated_at", check_trigger),
@@ -244,10 +253,10 @@ STEP7_CHECKS: list[tuple[str, StepCheck]] = [
 ]
 
 
-async def run_step7(session: AsyncSession) -> list[CheckResult]:
-    """Run every Step 7 check, each in a savepoint rolled back afterwards, in order."""
+async def run_schema_checks(session: AsyncSession) -> list[CheckResult]:
+    """Run every schema check, each in a savepoint rolled back afterwards, in order."""
     results = []
-    for name, check in STEP7_CHECKS:
+    for name, check in SCHEMA_CHECKS:
         savepoint = await session.begin_nested()
         try:
             detail = await check(session)

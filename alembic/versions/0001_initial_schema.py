@@ -1,5 +1,11 @@
 """Initial schema: users, tasks, the owner index and the updated_at trigger.
 
+The trigger function is `todo_store_set_updated_at()`: prefixed with the package's name so it
+cannot clash with another application's function in the same schema (the common
+`update_updated_at_column()` is left alone), and created without OR REPLACE so that a function
+of that name, were one there, fails the migration instead of being overwritten. Databases
+migrated when this revision still created `update_updated_at_column()` are moved over by 0002.
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-28
@@ -66,7 +72,7 @@ def upgrade() -> None:
     op.create_index("idx_tasks_user_id", "tasks", ["user_id", "id"], unique=False)
     op.execute(
         """
-        CREATE FUNCTION update_updated_at_column() RETURNS trigger
+        CREATE FUNCTION todo_store_set_updated_at() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
             NEW.updated_at = now();
@@ -80,14 +86,14 @@ def upgrade() -> None:
         CREATE TRIGGER update_tasks_updated_at
             BEFORE UPDATE ON tasks
             FOR EACH ROW
-            EXECUTE FUNCTION update_updated_at_column()
+            EXECUTE FUNCTION todo_store_set_updated_at()
         """
     )
 
 
 def downgrade() -> None:
     op.execute("DROP TRIGGER IF EXISTS update_tasks_updated_at ON tasks")
-    op.execute("DROP FUNCTION IF EXISTS update_updated_at_column()")
+    op.execute("DROP FUNCTION IF EXISTS todo_store_set_updated_at()")
     op.drop_index("idx_tasks_user_id", table_name="tasks")
     op.drop_table("tasks")
     op.drop_table("users")
