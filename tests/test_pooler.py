@@ -10,7 +10,9 @@ exactly (no error, no lost write) and every server connection is asked what it s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,10 +23,16 @@ import asyncpg
 import pytest
 from conftest import command_env, start_tracking_pgbouncer
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
+from todo_store.doctor import diagnose
+from todo_store.pooler import PROBE_STATEMENT
+from todo_store.pooler import probe as probe_pooler
+from todo_store.schema_checks import CheckResult
 from todo_store.testing.pgbouncer import PgBouncer
-from todo_store.testing.plugin import settings_for
+from todo_store.testing.plugin import settings_for, start_pgbouncer
+from todo_store.testing.postgres import ProvisionedServer
 from todo_store.testing.proxy import RoundTripProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -326,3 +334,170 @@ async def test_concurrent_upgrades_serialise(empty_database: str) -> None:
         assert await connection.fetchval("SELECT count(*) FROM alembic_version") == 1
     finally:
         await connection.close()
+
+
+# -- finding the pooler by experiment (`todo_store.pooler`, `todo-store doctor`) -----------------
+
+
+def _looks_like_the_server(server: ProvisionedServer, address: str) -> tuple[str, int] | None:
+    """Listen on another loopback address at the server's own port, where that is possible, so
+    that neither the host name nor the port gives the pooler away (else: a free port)."""
+    if server.is_unix_socket or server.host not in ("127.0.0.1", "localhost"):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As PgBouncer does: connections of an earlier run may linger in TIME_WAIT there.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, server.port))
+        except OSError:
+            return None
+    return address, server.port
+
+
+@contextlib.contextmanager
+def _bouncer(
+    base: PgBouncer, *, tracking: bool, address: str, pool_size: int = BOUNCER_POOL_SIZE
+) -> Iterator[PgBouncer]:
+    listen = _looks_like_the_server(base.server, address)
+    start = start_tracking_pgbouncer if tracking else start_pgbouncer
+    bouncer = start(base.server, base.database, pool_size=pool_size, listen=listen)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+async def _probe_statements_on_servers(bouncer: PgBouncer) -> list[tuple[int, int]]:
+    """Per server connection: (statements named by a probe, copies of the probe's text)."""
+    clients = [
+        await asyncpg.connect(bouncer.url, statement_cache_size=0) for _ in range(bouncer.pool_size)
+    ]
+    try:
+        transactions = [client.transaction() for client in clients]
+        for transaction in transactions:
+            await transaction.start()
+        rows = [
+            await client.fetchrow(
+                """SELECT pg_backend_pid() AS pid,
+                          count(*) FILTER (WHERE name LIKE 'todo_store_probe_%') AS ours,
+                          count(*) FILTER (WHERE statement = $1) AS copies
+                   FROM pg_prepared_statements""",
+                PROBE_STATEMENT,
+            )
+            for client in clients
+        ]
+        for transaction in transactions:
+            await transaction.rollback()
+    finally:
+        for client in clients:
+            await client.close()
+    assert len({row["pid"] for row in rows if row}) == bouncer.pool_size
+    return sorted((row["ours"], row["copies"]) for row in rows if row)
+
+
+async def test_probe_finds_a_direct_connection(todo_store_settings: Settings) -> None:
+    found = await probe_pooler(todo_store_settings)
+    assert not found.transaction_pooling
+    assert not found.renamed
+    assert found.statement_cache_safe
+    assert found.summary.startswith("direct: ")
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("pool_size", [BOUNCER_POOL_SIZE, 50])
+async def test_probe_finds_pgbouncer_without_tracking(
+    todo_store_pgbouncer: PgBouncer, pool_size: int
+) -> None:
+    with _bouncer(
+        todo_store_pgbouncer, tracking=False, address="127.0.0.2", pool_size=pool_size
+    ) as bouncer:
+        for _ in range(3):
+            found = await probe_pooler(settings_for(bouncer.url))
+            assert found.transaction_pooling, found
+            assert not found.tracks_statements, found
+            assert not found.statement_cache_safe, found
+        if pool_size == BOUNCER_POOL_SIZE:
+            # Its statement was deallocated inside its own transaction: nothing is left.
+            assert await _probe_statements_on_servers(bouncer) == [(0, 0)] * pool_size
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("pool_size", [BOUNCER_POOL_SIZE, 50])
+async def test_probe_finds_pgbouncer_that_tracks_statements(
+    todo_store_pgbouncer: PgBouncer, pool_size: int
+) -> None:
+    with _bouncer(
+        todo_store_pgbouncer, tracking=True, address="127.0.0.3", pool_size=pool_size
+    ) as bouncer:
+        for _ in range(3):
+            found = await probe_pooler(settings_for(bouncer.url))
+            assert found.transaction_pooling, found
+            assert found.tracks_statements, found
+            assert found.ran_on_another_backend, found
+            assert found.statement_cache_safe, found
+        if pool_size == BOUNCER_POOL_SIZE:
+            # Our name never reaches a server; PgBouncer keeps at most one copy of the text
+            # per server connection, however often the probe runs.
+            left = await _probe_statements_on_servers(bouncer)
+            assert all(ours == 0 and copies <= 1 for ours, copies in left), left
+
+
+async def _doctor_lines(url: str, *, statement_cache: bool) -> dict[str, CheckResult]:
+    settings = settings_for(url).model_copy(update={"statement_cache": statement_cache})
+    return {result.name: result for result in await diagnose(settings)}
+
+
+@pytest.mark.parametrize("statement_cache", [False, True], ids=["cache-off", "cache-on"])
+async def test_doctor_on_a_direct_connection(
+    todo_store_settings: Settings, statement_cache: bool
+) -> None:
+    url = todo_store_settings.database_url.get_secret_value()
+    checks = await _doctor_lines(url, statement_cache=statement_cache)
+    assert checks["pooler"].ok
+    assert checks["pooler"].detail.startswith("direct: no transaction pooler")
+    assert checks["statement cache"].ok, checks["statement cache"]
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("statement_cache", [False, True], ids=["cache-off", "cache-on"])
+async def test_doctor_on_pgbouncer_without_tracking_addressed_by_ip(
+    todo_store_pgbouncer: PgBouncer, statement_cache: bool
+) -> None:
+    """Debian's 1.18 at 127.0.0.2 (at the server's own port where possible): no host name and
+    no port gives it away; caching on must fail loudly, off must pass."""
+    with _bouncer(todo_store_pgbouncer, tracking=False, address="127.0.0.2") as bouncer:
+        if bouncer.listen is not None:
+            assert make_url(bouncer.url).port == bouncer.server.port  # the server's own port
+        checks = await _doctor_lines(bouncer.url, statement_cache=statement_cache)
+    assert checks["pooler"].ok
+    assert checks["pooler"].detail.startswith(
+        "pooled: a transaction pooler that does not track prepared statements"
+    )
+    cache = checks["statement cache"]
+    if statement_cache:
+        assert not cache.ok
+        assert cache.detail.startswith("on, through a pooler:")
+        assert "STATEMENT_CACHE=false" in cache.hint
+    else:
+        assert cache.ok
+        assert cache.detail == "off: safe through any pooler"
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("statement_cache", [False, True], ids=["cache-off", "cache-on"])
+async def test_doctor_on_pgbouncer_that_tracks_statements_addressed_by_ip(
+    todo_store_pgbouncer: PgBouncer, statement_cache: bool
+) -> None:
+    """Neon's setup (max_prepared_statements = 1000), at 127.0.0.3: caching is safe."""
+    with _bouncer(todo_store_pgbouncer, tracking=True, address="127.0.0.3") as bouncer:
+        checks = await _doctor_lines(bouncer.url, statement_cache=statement_cache)
+    assert checks["pooler"].ok
+    assert checks["pooler"].detail.startswith(
+        "pooled: a transaction pooler that tracks prepared statements"
+    )
+    cache = checks["statement cache"]
+    assert cache.ok, cache
+    if statement_cache:
+        assert cache.detail == "on: safe, the pooler tracks prepared statements"
+    else:
+        assert "STATEMENT_CACHE=true is safe too" in cache.detail

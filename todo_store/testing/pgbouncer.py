@@ -92,10 +92,13 @@ class PgBouncer:
         binary: str | None = None,
         settings: Mapping[str, str] | None = None,
         users: Mapping[str, str] | None = None,
+        listen: tuple[str, int] | None = None,
     ) -> None:
         """`binary`: the pgbouncer to run (default: the one on PATH, else /usr/sbin/pgbouncer).
         `settings`: extra or overriding `[pgbouncer]` keys (e.g. `auth_type`, `client_tls_*`).
         `users`: auth_file entries, user -> password or SCRAM secret (default: the server's).
+        `listen`: loopback address and port to listen on (default 127.0.0.1, a free port);
+        e.g. `("127.0.0.2", server.port)` makes PgBouncer look like the server to a client.
         """
         if pool_mode not in POOL_MODES:
             raise ValueError(f"pool_mode {pool_mode!r}: expected one of {', '.join(POOL_MODES)}")
@@ -109,6 +112,7 @@ class PgBouncer:
         self.binary = binary
         self.extra_settings = dict(settings or {})
         self.users = dict(users or {})
+        self.listen = listen
         self._runner: _Runner | None = None
         self._port: int | None = None
         self._version: tuple[int, int] | None = None
@@ -120,7 +124,7 @@ class PgBouncer:
         """Start PgBouncer on a free port; return once it accepts connections."""
         if self._runner is not None:
             raise RuntimeError("PgBouncer already started")
-        self._port = port = _free_port()
+        self._port = port = self.listen[1] if self.listen else _free_port()
         try:
             self._runner = self._new_runner(port)
             self._launch()
@@ -251,7 +255,7 @@ class PgBouncer:
         auth_file.write_text(self._auth_text(), encoding="utf-8")
         ini_text = self._ini_text(
             version=version,
-            listen_addr="127.0.0.1",
+            listen_addr=self._listen_addr,
             listen_port=port,
             server_host=self.server.host,
             auth_file=str(auth_file),
@@ -263,7 +267,11 @@ class PgBouncer:
             # write its log in this directory (mkdtemp made it 0700, root-owned).
             for path in (workdir, auth_file, ini):
                 shutil.chown(path, account.pw_uid, account.pw_gid)
-        return _Process(binary, ini, workdir, account, version)
+        return _Process(binary, ini, workdir, account, version, host=self._listen_addr)
+
+    @property
+    def _listen_addr(self) -> str:
+        return self.listen[0] if self.listen else "127.0.0.1"
 
     def _container_runner(self, port: int) -> _Container:
         if self.server.is_unix_socket:
@@ -352,8 +360,6 @@ class PgBouncer:
 class _Process:
     """pgbouncer in the foreground, as an unprivileged user when we are root."""
 
-    host = "127.0.0.1"
-
     def __init__(
         self,
         binary: str,
@@ -361,7 +367,10 @@ class _Process:
         workdir: Path,
         account: pwd.struct_passwd | None,
         version: tuple[int, int],
+        *,
+        host: str,
     ) -> None:
+        self.host = host
         self._command = [binary, str(ini)]
         self._console = workdir / "console.log"  # stderr too: early errors precede the logfile
         self._account = account
