@@ -40,8 +40,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from todo_store import migrations
 from todo_store.engine import create_engine
 from todo_store.errors import UPGRADE_COMMAND, TodoStoreError
-from todo_store.pooler import PoolerFindings
-from todo_store.pooler import probe as probe_pooler
 from todo_store.schema_checks import SCHEMA_CHECKS, UPGRADE_HINT, CheckResult, run_schema_checks
 from todo_store.settings import Settings
 from todo_store.urls import InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
@@ -142,14 +140,19 @@ def describe_error(error: BaseException, settings: Settings) -> str:
 # ------------------------------------------------------------------------------- checks
 
 
-async def _pooler(settings: Settings) -> tuple[PoolerFindings | None, CheckResult]:
-    """Whether a transaction pooler is in front and tracks statements: by experiment."""
-    try:
-        findings = await probe_pooler(settings)
-    except Exception as error:  # the finding is that it could not be found out
-        reason = describe_error(error, settings)
-        return None, CheckResult("pooler", False, f"could not be determined: {reason}")
-    return findings, CheckResult("pooler", True, findings.summary)
+def _pooler(raw_url: str, server_port: int | None) -> tuple[bool, str]:
+    """Whether something sits between us and PostgreSQL, and how that was concluded."""
+    if is_pooler_host(raw_url):
+        return True, "pooled (Neon -pooler host)"
+    url = make_url(raw_url)
+    if url.host is None:
+        return False, "direct (unix socket)"
+    url_port = url.port or 5432
+    if server_port is None:
+        return True, f"pooled: URL is TCP port {url_port}, the server sees a unix-socket client"
+    if server_port != url_port:
+        return True, f"pooled: server port {server_port} ≠ URL port {url_port} (pooler or forward)"
+    return False, f"direct (server port {server_port} = URL port)"
 
 
 def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> CheckResult:
@@ -166,37 +169,11 @@ def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> 
     return CheckResult("tls", ok, detail + ("; local host" if local else ""), hint)
 
 
-def _statement_cache(settings: Settings, found: PoolerFindings | None) -> CheckResult:
-    """Judged on what `_pooler` saw; a Neon `-pooler` host must show its tracking pooler."""
-    unproven = found is None or (
-        is_pooler_host(settings.database_url.get_secret_value())
-        and not found.transaction_pooling
-        and not found.tracks_statements
-    )
-    safe = found is not None and found.statement_cache_safe and not unproven
-    tracking = found is not None and found.tracks_statements
+def _statement_cache(settings: Settings, pooled: bool) -> CheckResult:
     if not settings.statement_cache:
-        if tracking:
-            return CheckResult(
-                "statement cache",
-                True,
-                "off: safe through any pooler; this pooler tracks prepared statements (as "
-                "Neon's does), so STATEMENT_CACHE=true is safe too: 1 round trip per call, not 2",
-            )
         return CheckResult("statement cache", True, "off: safe through any pooler")
-    if tracking and safe:
-        return CheckResult(
-            "statement cache", True, "on: safe, the pooler tracks prepared statements"
-        )
-    if safe:
+    if not pooled:
         return CheckResult("statement cache", True, "on: fine on a direct connection")
-    if unproven:
-        return CheckResult(
-            "statement cache",
-            False,
-            "on, but it is unknown whether the pooler tracks prepared statements",
-            "set STATEMENT_CACHE=false",
-        )
     return CheckResult(
         "statement cache",
         False,
@@ -207,17 +184,17 @@ def _statement_cache(settings: Settings, found: PoolerFindings | None) -> CheckR
 
 async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[CheckResult]:
     raw_url = settings.database_url.get_secret_value()
-    version_num, version, server_ssl, tls_version = (
+    version_num, version, server_port, server_ssl, tls_version = (
         await conn.execute(
             text(
                 """SELECT current_setting('server_version_num')::int,
-                          current_setting('server_version'), s.ssl, s.version
+                          current_setting('server_version'), inet_server_port(), s.ssl, s.version
                    FROM (SELECT 1) AS one
                    LEFT JOIN pg_stat_ssl s ON s.pid = pg_backend_pid()"""
             )
         )
     ).one()
-    found, pooler_check = await _pooler(settings)
+    pooled, pooler_detail = _pooler(raw_url, server_port)
     # asyncpg's execute() without arguments is a simple query: exactly one round trip.
     driver: Any = (await conn.get_raw_connection()).driver_connection
     samples = []
@@ -229,14 +206,14 @@ async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[
         CheckResult("server", True, f"PostgreSQL {version}")
         if version_num >= _MIN_SERVER_VERSION
         else CheckResult("server", False, f"PostgreSQL {version}", "PostgreSQL 11+ is needed"),
-        pooler_check,
+        CheckResult("pooler", True, pooler_detail),
         _tls(raw_url, server_ssl, tls_version),
         CheckResult(
             "round trip",
             True,
             f"{statistics.median(samples):.2f} ms (median of {_RTT_SAMPLES} SELECT 1)",
         ),
-        _statement_cache(settings, found),
+        _statement_cache(settings, pooled),
     ]
 
 
@@ -279,6 +256,8 @@ def _describe_diff(diff: Any) -> str:
     first = diff[0] if isinstance(diff, list) else diff
     if len(first) > 3 and first[0].startswith("modify_"):
         return f"{first[0]} {first[2]}.{first[3]}"
+    if first[0] in ("add_column", "remove_column"):  # (op, schema, table, Column)
+        return f"{first[0]} {first[2]}.{first[3].name}"
     name = getattr(first[1], "name", None) if len(first) > 1 else None
     return f"{first[0]} {name}" if name else str(first[0])
 

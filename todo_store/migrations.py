@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -124,20 +125,36 @@ def script_directory(config: ConfigPath | None = None) -> ScriptDirectory:
 
     Raises `MigrationConfigError` naming the file and what to change.
     """
-    scripts = ScriptDirectory.from_config(alembic_config(config=config))
+    alembic = alembic_config(config=config)
+    scripts = ScriptDirectory.from_config(alembic)
     if config is None:
         return scripts
+    package = _package_revisions()
+    missing_package = MigrationConfigError(
+        f"{config} does not include todo-store's migrations (revision "
+        f"{', '.join(sorted(package))}): list `{PACKAGE_MIGRATIONS}/versions` in version_locations"
+    )
     try:
-        known = {script.revision for script in scripts.walk_revisions()}
+        with warnings.catch_warnings():  # alembic warns, then fails: the error says it all
+            warnings.simplefilter("ignore")
+            known = {script.revision for script in scripts.walk_revisions()}
+    except KeyError as error:  # a down_revision no file has
+        if not _lists_package_versions(alembic):
+            raise missing_package from None
+        raise MigrationConfigError(
+            f"{config}: a revision names down_revision {error} but no revision file has it"
+        ) from None
     except (CommandError, RevisionError) as error:
         raise MigrationConfigError(f"{config}: {error}") from None
-    missing = sorted(_package_revisions() - known)
-    if missing:
-        raise MigrationConfigError(
-            f"{config} does not include todo-store's migrations (revision "
-            f"{', '.join(missing)}): list `{PACKAGE_MIGRATIONS}/versions` in version_locations"
-        )
+    if package - known:
+        raise missing_package
     return scripts
+
+
+def _lists_package_versions(alembic: Config) -> bool:
+    package_versions = (package_script_location() / "versions").resolve()
+    locations = alembic.get_version_locations_list() or []
+    return any(Path(location).resolve() == package_versions for location in locations)
 
 
 def _package_revisions() -> set[str]:

@@ -1,0 +1,275 @@
+"""An application's own revisions on top of the package's, through the installed command.
+
+Each test builds an application directory the way the README tells a user to: an
+`alembic.ini` naming `todo_store:_alembic` and the application's own `migrations/` folder, a
+revision adding `priority` to tasks, and models naming it (`target_metadata`). The
+`todo-store` console script then runs with that directory as its working directory, so
+nothing of this repository (no alembic.ini, no sys.path entry) helps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic.script import ScriptDirectory
+from conftest import command_env
+
+from todo_store import migrations
+from todo_store.schema_checks import SCHEMA_CHECKS
+
+TODO_STORE = Path(sys.executable).with_name("todo-store")
+PACKAGE_SCRIPTS = ScriptDirectory(str(migrations.package_script_location()))
+APP_REVISION = "1001"
+DOCTOR = [
+    "connect",
+    "server",
+    "pooler",
+    "tls",
+    "round trip",
+    "statement cache",
+    "revision",
+    "drift",
+    *(name for name, _ in SCHEMA_CHECKS),
+]
+
+ALEMBIC_INI = """\
+[alembic]
+# todo-store's migration environment and revisions, wherever the package is installed
+script_location = todo_store:_alembic
+# todo-store's revisions, then this application's own
+version_locations = todo_store:_alembic/versions %(here)s/migrations
+path_separator = space
+prepend_sys_path = %(here)s
+file_template = %%(rev)s_%%(slug)s
+{target_metadata}
+"""
+
+APP_MODELS = '''\
+"""The application's models: todo-store's, and a priority on tasks."""
+
+from sqlalchemy import Column, SmallInteger, Table, text
+
+from todo_store import Base
+
+Table(
+    "tasks",
+    Base.metadata,
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    extend_existing=True,
+)
+metadata = Base.metadata
+'''
+
+APP_REVISION_FILE = '''\
+"""Tasks get a priority (0: none).
+
+Revision ID: {revision}
+Revises: {down_revision}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down_revision}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "tasks",
+        sa.Column("priority", sa.SmallInteger(), server_default=sa.text("0"), nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_column("tasks", "priority")
+'''
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.strip()]
+
+    def line(self, name: str) -> str:
+        [found] = [line for line in self.lines if line[2:].startswith(f"{name}:")]
+        return found
+
+
+async def todo_store(cwd: Path, *args: str, database_url: str | None) -> Run:
+    """The installed `todo-store` command, in `cwd`, with DATABASE_URL and nothing else set."""
+    env = command_env(database_url)
+    env["PYTHONIOENCODING"] = "utf-8"
+    process = await asyncio.create_subprocess_exec(
+        TODO_STORE,
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+def make_app(directory: Path, *, with_models: bool = True) -> Path:
+    """The application directory; returns its alembic.ini."""
+    (directory / "migrations").mkdir(parents=True)
+    (directory / "migrations" / f"{APP_REVISION}_task_priority.py").write_text(
+        APP_REVISION_FILE.format(revision=APP_REVISION, down_revision=migrations.head_revision())
+    )
+    (directory / "app_models.py").write_text(APP_MODELS)
+    target = "target_metadata = app_models:metadata" if with_models else ""
+    ini = directory / "alembic.ini"
+    ini.write_text(ALEMBIC_INI.format(target_metadata=target))
+    return ini
+
+
+async def _priority_column(url: str) -> str | None:
+    conn = await asyncpg.connect(url)
+    try:
+        found: str | None = await conn.fetchval(
+            """SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+               WHERE attrelid = 'tasks'::regclass AND attname = 'priority'"""
+        )
+    finally:
+        await conn.close()
+    return found
+
+
+async def test_migrate_and_doctor_follow_the_applications_revisions(
+    empty_database: str, tmp_path: Path
+) -> None:
+    app = tmp_path / "app"
+    ini = make_app(app)
+    package_head = migrations.head_revision()
+
+    run = await todo_store(app, "migrate", database_url=empty_database)
+    assert run.returncode == 0, run.stdout + run.stderr
+    applied = [line.split(":")[0] for line in run.lines if line.startswith("applied ")]
+    assert applied == ["applied 0001", f"applied {package_head}", f"applied {APP_REVISION}"]
+    assert f"applied {APP_REVISION}: Tasks get a priority (0: none)." in run.lines
+    assert run.lines[-1] == f"at head {APP_REVISION}"
+    assert await _priority_column(empty_database) == "smallint"
+
+    doctor = await todo_store(app, "doctor", database_url=empty_database)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert [line.split(":")[0] for line in doctor.lines] == [f"✔ {name}" for name in DOCTOR]
+    assert doctor.line("revision").startswith(f"✔ revision: {APP_REVISION} = head, via ")
+    assert doctor.line("drift") == "✔ drift: models match the database (alembic check)"
+
+    again = await todo_store(app, "migrate", database_url=empty_database)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.lines[-1] == f"already at head {APP_REVISION}: nothing to apply"
+
+    # From anywhere else, --config names the application's file.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    by_path = await todo_store(
+        elsewhere, "doctor", "--config", str(ini), database_url=empty_database
+    )
+    assert by_path.returncode == 0, by_path.stdout + by_path.stderr
+    assert by_path.line("revision").startswith(f"✔ revision: {APP_REVISION} = head")
+
+    demo = await todo_store(app, "demo", database_url=empty_database)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert f"migrate: already at head {APP_REVISION}" in demo.lines
+
+
+async def test_without_the_applications_file_the_commands_say_where_to_run(
+    empty_database: str, tmp_path: Path
+) -> None:
+    app = tmp_path / "app"
+    make_app(app)
+    assert (await todo_store(app, "migrate", database_url=empty_database)).returncode == 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+
+    run = await todo_store(bare, "migrate", database_url=empty_database)
+    assert run.returncode == 1
+    assert run.lines[-1] == (
+        f"✘ migrate: the database is at {APP_REVISION}, which is not in todo-store's own"
+        " migrations: run in your application's directory (its alembic.ini) or pass"
+        " --config PATH"
+    )
+    assert run.stderr == ""  # no traceback
+
+    doctor = await todo_store(bare, "doctor", database_url=empty_database)
+    assert doctor.returncode == 1
+    revision = doctor.line("revision")
+    assert revision.startswith(f"✘ revision: {APP_REVISION}, head is ")
+    assert revision.endswith(
+        "— 1001 is not in todo-store's own migrations: run in your"
+        " application's directory (its alembic.ini) or pass --config PATH"
+    )
+    assert "alembic upgrade head" not in doctor.stdout
+    assert doctor.stderr == ""
+
+
+async def test_drift_names_the_column_the_models_lack(empty_database: str, tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    make_app(app, with_models=False)
+    assert (await todo_store(app, "migrate", database_url=empty_database)).returncode == 0
+
+    doctor = await todo_store(app, "doctor", database_url=empty_database)
+    assert doctor.returncode == 1
+    assert [line[2:].split(":")[0] for line in doctor.lines if line.startswith("✘")] == ["drift"]
+    drift = doctor.line("drift")
+    assert drift.startswith("✘ drift: models and database differ: remove_column tasks.priority")
+    assert "target_metadata = module:metadata" in drift
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        (
+            "no package revisions",
+            "`todo_store:_alembic/versions` in version_locations",
+        ),
+        ("no script_location", "has no script_location: add `script_location ="),
+        ("missing file", "no-such.ini: no such file"),
+    ],
+)
+async def test_an_unusable_alembic_ini_is_one_line(
+    tmp_path: Path, problem: str, message: str
+) -> None:
+    ini = make_app(tmp_path / "app")
+    text = ini.read_text()
+    if problem == "no package revisions":
+        ini.write_text(text.replace("todo_store:_alembic/versions ", ""))
+        shipped = ", ".join(sorted(script.revision for script in PACKAGE_SCRIPTS.walk_revisions()))
+        message = f"does not include todo-store's migrations (revision {shipped}): list {message}"
+    elif problem == "no script_location":
+        ini.write_text(text.replace("script_location = todo_store:_alembic\n", ""))
+    args = ["--config", str(ini.with_name("no-such.ini"))] if problem == "missing file" else []
+
+    runs = await asyncio.gather(
+        *(
+            todo_store(ini.parent, command, *args, database_url="postgresql://h/db")
+            for command in ("migrate", "doctor", "demo")
+        )
+    )
+    for run in runs:  # checked before any database is reached
+        assert run.returncode == 2, run.stdout + run.stderr
+        [line] = run.lines
+        assert line.startswith("✘ config: ")
+        assert message in line
+        assert run.stderr == ""
