@@ -40,6 +40,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from todo_store import migrations
 from todo_store.engine import create_engine
 from todo_store.errors import UPGRADE_COMMAND, TodoStoreError
+from todo_store.pooler import PoolerFindings
+from todo_store.pooler import probe as probe_pooler
 from todo_store.schema_checks import SCHEMA_CHECKS, UPGRADE_HINT, CheckResult, run_schema_checks
 from todo_store.settings import Settings
 from todo_store.urls import InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
@@ -140,19 +142,14 @@ def describe_error(error: BaseException, settings: Settings) -> str:
 # ------------------------------------------------------------------------------- checks
 
 
-def _pooler(raw_url: str, server_port: int | None) -> tuple[bool, str]:
-    """Whether something sits between us and PostgreSQL, and how that was concluded."""
-    if is_pooler_host(raw_url):
-        return True, "pooled (Neon -pooler host)"
-    url = make_url(raw_url)
-    if url.host is None:
-        return False, "direct (unix socket)"
-    url_port = url.port or 5432
-    if server_port is None:
-        return True, f"pooled: URL is TCP port {url_port}, the server sees a unix-socket client"
-    if server_port != url_port:
-        return True, f"pooled: server port {server_port} ≠ URL port {url_port} (pooler or forward)"
-    return False, f"direct (server port {server_port} = URL port)"
+async def _pooler(settings: Settings) -> tuple[PoolerFindings | None, CheckResult]:
+    """Whether a transaction pooler is in front and tracks statements: by experiment."""
+    try:
+        findings = await probe_pooler(settings)
+    except Exception as error:  # the finding is that it could not be found out
+        reason = describe_error(error, settings)
+        return None, CheckResult("pooler", False, f"could not be determined: {reason}")
+    return findings, CheckResult("pooler", True, findings.summary)
 
 
 def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> CheckResult:
@@ -169,11 +166,37 @@ def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> 
     return CheckResult("tls", ok, detail + ("; local host" if local else ""), hint)
 
 
-def _statement_cache(settings: Settings, pooled: bool) -> CheckResult:
+def _statement_cache(settings: Settings, found: PoolerFindings | None) -> CheckResult:
+    """Judged on what `_pooler` saw; a Neon `-pooler` host must show its tracking pooler."""
+    unproven = found is None or (
+        is_pooler_host(settings.database_url.get_secret_value())
+        and not found.transaction_pooling
+        and not found.tracks_statements
+    )
+    safe = found is not None and found.statement_cache_safe and not unproven
+    tracking = found is not None and found.tracks_statements
     if not settings.statement_cache:
+        if tracking:
+            return CheckResult(
+                "statement cache",
+                True,
+                "off: safe through any pooler; this pooler tracks prepared statements (as "
+                "Neon's does), so STATEMENT_CACHE=true is safe too: 1 round trip per call, not 2",
+            )
         return CheckResult("statement cache", True, "off: safe through any pooler")
-    if not pooled:
+    if tracking and safe:
+        return CheckResult(
+            "statement cache", True, "on: safe, the pooler tracks prepared statements"
+        )
+    if safe:
         return CheckResult("statement cache", True, "on: fine on a direct connection")
+    if unproven:
+        return CheckResult(
+            "statement cache",
+            False,
+            "on, but it is unknown whether the pooler tracks prepared statements",
+            "set STATEMENT_CACHE=false",
+        )
     return CheckResult(
         "statement cache",
         False,
@@ -184,17 +207,17 @@ def _statement_cache(settings: Settings, pooled: bool) -> CheckResult:
 
 async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[CheckResult]:
     raw_url = settings.database_url.get_secret_value()
-    version_num, version, server_port, server_ssl, tls_version = (
+    version_num, version, server_ssl, tls_version = (
         await conn.execute(
             text(
                 """SELECT current_setting('server_version_num')::int,
-                          current_setting('server_version'), inet_server_port(), s.ssl, s.version
+                          current_setting('server_version'), s.ssl, s.version
                    FROM (SELECT 1) AS one
                    LEFT JOIN pg_stat_ssl s ON s.pid = pg_backend_pid()"""
             )
         )
     ).one()
-    pooled, pooler_detail = _pooler(raw_url, server_port)
+    found, pooler_check = await _pooler(settings)
     # asyncpg's execute() without arguments is a simple query: exactly one round trip.
     driver: Any = (await conn.get_raw_connection()).driver_connection
     samples = []
@@ -206,14 +229,14 @@ async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[
         CheckResult("server", True, f"PostgreSQL {version}")
         if version_num >= _MIN_SERVER_VERSION
         else CheckResult("server", False, f"PostgreSQL {version}", "PostgreSQL 11+ is needed"),
-        CheckResult("pooler", True, pooler_detail),
+        pooler_check,
         _tls(raw_url, server_ssl, tls_version),
         CheckResult(
             "round trip",
             True,
             f"{statistics.median(samples):.2f} ms (median of {_RTT_SAMPLES} SELECT 1)",
         ),
-        _statement_cache(settings, pooled),
+        _statement_cache(settings, found),
     ]
 
 
