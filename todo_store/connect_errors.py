@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
+import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,37 +80,44 @@ _TLS_REQUIRED = _Kind(
 _POOLER_BUSY = _Kind(rejected=False, advice=_RETRY)
 
 # PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01 (src/client.c,
-# src/objects.c, src/janitor.c of PgBouncer 1.25.2; 1.18 sends the same texts, except that it
-# refuses `options` as a whole with "unsupported startup parameter: options"). A text matches
-# when the message starts with it; what follows is PgBouncer's detail (a name, a parameter).
-# PgBouncer 1.18 also relays the server's own login failure under 08P01 (1.19+ keep the
-# server's SQLSTATE): PostgreSQL's "password authentication failed for user ..." starts like
-# PgBouncer's own text and is matched with it. Anything not listed is `DatabaseUnavailable`.
+# src/objects.c, src/janitor.c of PgBouncer 1.25.2; Debian's 1.18 sends the same texts, except
+# that it refuses `options` as a whole: "unsupported startup parameter: options"). Each key is a
+# regular expression matched at the start of the message; what follows is PgBouncer's detail
+# (a name, a parameter). PgBouncer 1.18 also relays the server's own login failure under 08P01
+# (newer versions keep the server's SQLSTATE): the last group holds PostgreSQL's texts for
+# those. Anything not listed becomes `DatabaseUnavailable`, carrying the text.
 PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
-    "password authentication failed": _POOLER_AUTH,
-    "SASL authentication failed": _POOLER_AUTH,
-    '"trust" authentication failed': _POOLER_AUTH,
-    "no such user": _POOLER_AUTH,
+    # PgBouncer's own login checks: no retry helps.
+    "password authentication failed": _POOLER_AUTH,  # also PostgreSQL's relayed text
+    "SASL authentication failed": _POOLER_AUTH,  # SCRAM: wrong password or unknown user
+    '"trust" authentication failed': _POOLER_AUTH,  # user not in auth_file
+    "no such user": _POOLER_AUTH,  # auth_query found none
     "login rejected": _POOLER_AUTH,
-    "no authentication method is found": _POOLER_AUTH,
+    "no authentication method is found": _POOLER_AUTH,  # auth_hba_file
     "certificate authentication failed": _POOLER_AUTH,
     "unix socket login rejected": _POOLER_AUTH,
     "empty password returned by client": _POOLER_AUTH,
     "no username supplied": _POOLER_AUTH,
     "username too long": _POOLER_AUTH,
     "password too long": _POOLER_AUTH,
-    "no such database": _POOLER_DATABASE,
+    "no such database": _POOLER_DATABASE,  # ": <name>", not in [databases]
     "unsupported startup parameter": _STARTUP_PARAMETER,  # ": <name>", or " in options: <name>"
     "unsupported options startup parameter": _STARTUP_PARAMETER,  # options not "-c name=value"
-    "SSL required": _TLS_REQUIRED,
+    "SSL required": _TLS_REQUIRED,  # client_tls_sslmode = require, client sent no TLS
+    # PostgreSQL's login failures as PgBouncer 1.18 relays them.
+    'database ".*" does not exist': _UNKNOWN_DATABASE,
+    'role ".*" does not exist': _AUTH,
+    "no pg_hba.conf entry for": _AUTH,
+    "permission denied for database": _AUTH,
     # Transient: the pooler is busy, restarting or cannot reach the server right now.
     "no more connections allowed": _POOLER_BUSY,  # max_client_conn
     "client connections exceeded": _POOLER_BUSY,  # max_db/user_client_connections
     "query_wait_timeout": _POOLER_BUSY,
     "client_login_timeout": _POOLER_BUSY,
-    "server login has been failing": _POOLER_BUSY,  # server_login_retry
+    "server login has been failing": _POOLER_BUSY,  # server_login_retry, cached error
     "server shutting down": _POOLER_BUSY,
     "pooler is shutting down": _POOLER_BUSY,
+    'database ".*" is disabled': _POOLER_BUSY,  # DISABLE on the admin console
     "suspend_timeout": _POOLER_BUSY,
 }
 
@@ -213,8 +221,8 @@ def _server_error(error: asyncpg.PostgresError) -> TodoStoreError:
 
 
 def _pooler_error(reason: str) -> TodoStoreError:
-    for text, kind in PGBOUNCER_LOGIN_MESSAGES.items():
-        if reason.startswith(text):
+    for pattern, kind in PGBOUNCER_LOGIN_MESSAGES.items():
+        if re.match(pattern, reason):
             if kind is _STARTUP_PARAMETER:
                 return ConnectionRejected(
                     reason, _startup_parameter_advice(reason), sqlstate=_PROTOCOL_VIOLATION
