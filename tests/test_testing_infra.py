@@ -6,14 +6,24 @@ when PgBouncer cannot run here, unless TODO_STORE_REQUIRE_PGBOUNCER=1 (CI), wher
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import make_url
 
-from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.pgbouncer import (
+    TRACKING_BINARY_ENV,
+    PgBouncer,
+    PgBouncerUnavailable,
+    binary_version,
+    tracking_binary,
+)
 from todo_store.testing.plugin import start_pgbouncer
 from todo_store.testing.postgres import (
     ProvisionedServer,
@@ -21,6 +31,8 @@ from todo_store.testing.postgres import (
     drop_database,
     server_from_url,
 )
+from todo_store.testing.proxy import ProxyStats, RoundTripProxy
+from todo_store.testing.wire import SYNC, bind, exchange, execute, parse
 
 
 def _unique_name(prefix: str) -> str:
@@ -144,3 +156,110 @@ async def test_restart_keeps_port_and_drops_clients(infra_bouncer: PgBouncer) ->
         assert await new.fetchval("SELECT 1") == 1
     finally:
         await new.close()
+
+
+# -- the round-trip proxy's wire checks ---------------------------------------------------------
+
+
+async def _exchange_through_proxy(url: str, batches: list[bytes]) -> tuple[list[str], ProxyStats]:
+    parsed = make_url(url)
+    async with RoundTripProxy.in_front_of(url) as proxy:
+        results = await asyncio.to_thread(
+            exchange, proxy.host, proxy.port, parsed.username or "", parsed.database or "", batches
+        )
+        # Terminate has been sent: wait until the proxy has read everything.
+        for _ in range(500):
+            if proxy.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        return results, proxy.snapshot()
+
+
+async def test_proxy_flags_a_bind_outside_the_sync_group_of_its_parse(
+    todo_store_server: ProvisionedServer, infra_database: str
+) -> None:
+    """Directly, PostgreSQL keeps the unnamed statement across Sync, so this works; through a
+    transaction pooler the Bind could reach another server. The proxy counts it."""
+    url = make_url(todo_store_server.admin_url).set(database=infra_database)
+    results, stats = await _exchange_through_proxy(
+        url.render_as_string(hide_password=False),
+        [parse("", "SELECT 1") + SYNC, bind("") + execute() + SYNC],
+    )
+    assert results == ["", ""]
+    assert stats.unnamed_binds == 1
+    assert stats.unparsed_unnamed_binds == 1
+    assert stats.named_statements == 0
+
+
+async def test_proxy_accepts_a_bind_after_its_parse_in_the_same_group(
+    todo_store_server: ProvisionedServer, infra_database: str
+) -> None:
+    url = make_url(todo_store_server.admin_url).set(database=infra_database)
+    results, stats = await _exchange_through_proxy(
+        url.render_as_string(hide_password=False),
+        [
+            parse("", "SELECT 1") + bind("") + execute() + SYNC,
+            parse("named_one", "SELECT 2") + SYNC,
+            bind("named_one") + execute() + SYNC,
+        ],
+    )
+    assert results == ["", "", ""]
+    assert (stats.unnamed_binds, stats.unparsed_unnamed_binds) == (1, 0)
+    assert stats.named_statements == 1
+    assert stats.messages["Bind"] == 2
+
+
+async def test_exchange_reports_the_sqlstate_of_a_failed_batch(
+    todo_store_server: ProvisionedServer, infra_database: str
+) -> None:
+    url = make_url(todo_store_server.admin_url).set(database=infra_database)
+    results, _ = await _exchange_through_proxy(
+        url.render_as_string(hide_password=False),
+        [bind("never_prepared") + execute() + SYNC, parse("", "SELECT 1") + SYNC],
+    )
+    assert results == ["26000", ""]  # invalid_sql_statement_name; the connection goes on
+
+
+# -- which PgBouncer runs: one that tracks prepared statements -----------------------------------
+
+
+def test_tracking_binary_refuses_a_pgbouncer_that_cannot_track(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(old).is_file() or binary_version(old) >= (1, 21):
+        pytest.skip("needs a PgBouncer older than 1.21 installed (Debian 12's 1.18)")
+    monkeypatch.setenv(TRACKING_BINARY_ENV, old)
+    with pytest.raises(PgBouncerUnavailable, match=r"it must be >= 1\.21"):
+        tracking_binary()
+    monkeypatch.delenv(TRACKING_BINARY_ENV)
+    monkeypatch.setenv("PATH", str(Path(old).parent))
+    with pytest.raises(PgBouncerUnavailable, match=TRACKING_BINARY_ENV):
+        tracking_binary()
+
+
+def test_tracking_binary_names_a_missing_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(TRACKING_BINARY_ENV, str(tmp_path / "pgbouncer"))
+    with pytest.raises(PgBouncerUnavailable, match="not an executable file"):
+        tracking_binary()
+
+
+@pytest.mark.pgbouncer
+def test_tracking_pgbouncer_runs_as_neon_configures_it(tracking_pgbouncer: PgBouncer) -> None:
+    config = {row["key"]: row["value"] for row in tracking_pgbouncer.admin_query("SHOW CONFIG")}
+    version = tracking_pgbouncer.admin_query("SHOW VERSION")[0]["version"] or ""
+
+    assert tracking_pgbouncer.version >= (1, 21)
+    assert version.startswith("PgBouncer 1.")
+    assert config["max_prepared_statements"] == "1000"
+    assert config["pool_mode"] == "transaction"
+    assert tracking_pgbouncer.tracks_prepared_statements
+
+
+@pytest.mark.pgbouncer
+def test_default_pgbouncer_does_not_track_statements(todo_store_pgbouncer: PgBouncer) -> None:
+    config = {row["key"]: row["value"] for row in todo_store_pgbouncer.admin_query("SHOW CONFIG")}
+    assert config.get("max_prepared_statements", "0") == "0"
+    assert not todo_store_pgbouncer.tracks_prepared_statements
