@@ -192,7 +192,7 @@ async def test_unknown_database_is_rejected_naming_it(endpoint: Endpoint) -> Non
 
 
 async def test_database_the_pooler_knows_but_the_server_does_not(server: SecureServer) -> None:
-    """PgBouncer 1.18 relays the server's refusal under 08P01, newer ones keep 3D000."""
+    """PgBouncer 1.18 relays the server's refusal under 08P01, 1.20 and later keep 3D000."""
     bouncer = start_pgbouncer(server.upstream, "gone_db", **pgbouncer_options(server))
     try:
         url = server.url(port=bouncer.port, database="gone_db", query=server.verified_query)

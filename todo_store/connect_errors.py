@@ -23,11 +23,10 @@ reports all of its own login failures under 08P01, told apart by their fixed tex
 
 from __future__ import annotations
 
-import errno as errno_codes
 import os
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -72,20 +71,21 @@ _POOLER_DATABASE = _Kind(
     advice=f"the pooler has no such database configured; {_CHECK_DATABASE}",
 )
 _UNKNOWN_DATABASE = _Kind(rejected=True, advice=_CHECK_DATABASE)
-_STARTUP_PARAMETER = _Kind(rejected=True, advice=_OPTIONS_ADVICE)
+_STARTUP_PARAMETER = _Kind(rejected=True, advice="")  # names the parameter: see below
 _TLS_REQUIRED = _Kind(
     rejected=True,
     advice="the server accepts only TLS connections: use sslmode=require or verify-full",
 )
 _POOLER_BUSY = _Kind(rejected=False, advice=_RETRY)
 
-# PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01 (src/client.c,
-# src/objects.c, src/janitor.c of PgBouncer 1.25.2; Debian's 1.18 sends the same texts, except
-# that it refuses `options` as a whole: "unsupported startup parameter: options"). Each key is a
+# PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01, taken from src/client.c,
+# src/objects.c and src/janitor.c of PgBouncer 1.25.2. The tests produce the main ones with
+# Debian's 1.18 and with 1.25: the same texts, except that 1.18 refuses `options` as a whole
+# ("unsupported startup parameter: options") where 1.20+ read `-c` switches in it. Each key is a
 # regular expression matched at the start of the message; what follows is PgBouncer's detail
-# (a name, a parameter). PgBouncer 1.18 also relays the server's own login failure under 08P01
-# (newer versions keep the server's SQLSTATE): the last group holds PostgreSQL's texts for
-# those. Anything not listed becomes `DatabaseUnavailable`, carrying the text.
+# (a name, a parameter). Before 1.20 PgBouncer also relayed the server's own login failure
+# under 08P01 (1.20+ keep the server's SQLSTATE): the "relays" group holds PostgreSQL's texts
+# for those. Anything not listed becomes `DatabaseUnavailable`, carrying the text.
 PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
     # PgBouncer's own login checks: no retry helps.
     "password authentication failed": _POOLER_AUTH,  # also PostgreSQL's relayed text
@@ -104,7 +104,7 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
     "unsupported startup parameter": _STARTUP_PARAMETER,  # ": <name>", or " in options: <name>"
     "unsupported options startup parameter": _STARTUP_PARAMETER,  # options not "-c name=value"
     "SSL required": _TLS_REQUIRED,  # client_tls_sslmode = require, client sent no TLS
-    # PostgreSQL's login failures as PgBouncer 1.18 relays them.
+    # Relays: PostgreSQL's login failures as PgBouncer before 1.20 passes them on.
     'database ".*" does not exist': _UNKNOWN_DATABASE,
     'role ".*" does not exist': _AUTH,
     "no pg_hba.conf entry for": _AUTH,
@@ -135,31 +135,34 @@ def explain_connect_failure(
     """The package's error for a failed connection attempt, or None if `error` is not one.
 
     `tls` is the URL's TLS intent (`to_asyncpg(url).tls`), used to say why a certificate was
-    checked; `password`, if given, is redacted from every text taken from the error.
+    checked; `password`, if given, is replaced by *** in every text taken from the error.
     """
     if not isinstance(error, Exception) or isinstance(error, TodoStoreError):
         return None
     cause = _driver_error(error)
-    if cause is None:
-        return None
-    explained: TodoStoreError | None
+
+    def said(text: str) -> str:
+        """A text from the error: one line, password redacted."""
+        line = " ".join(text.split())
+        return line.replace(password, "***") if password else line
+
     if isinstance(cause, asyncpg.PostgresError):
-        explained = _server_error(cause)
-    elif isinstance(cause, ssl.SSLCertVerificationError):
-        explained = _certificate_error(cause, tls)
-    elif isinstance(cause, asyncpg.ConnectionDoesNotExistError):
-        explained = DatabaseUnavailable(
-            f"could not connect: the server closed the connection during login ({cause}) — {_RETRY}"
+        message = getattr(cause, "message", None) or str(cause)
+        return _server_error(cause.sqlstate or "", said(message))
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return _certificate_error(cause, said(cause.verify_message or str(cause)), tls)
+    if isinstance(cause, asyncpg.ConnectionDoesNotExistError):
+        return DatabaseUnavailable(
+            f"could not connect: the server closed the connection during login "
+            f"({said(str(cause))}) — {_RETRY}"
         )
-    elif isinstance(cause, TimeoutError):  # asyncio's too; before OSError, its base
-        explained = DatabaseUnavailable(
+    if isinstance(cause, TimeoutError):  # asyncio's too; before OSError, its base class
+        return DatabaseUnavailable(
             f"could not connect: no answer within the connect timeout (connect_timeout) — {_RETRY}"
         )
-    elif isinstance(cause, OSError):
-        explained = DatabaseUnavailable(f"could not connect: {_os_reason(cause)} — {_RETRY}")
-    else:
-        return None
-    return _redacted(explained, password)
+    if isinstance(cause, OSError):
+        return DatabaseUnavailable(f"could not connect: {_os_reason(cause, said)} — {_RETRY}")
+    return None
 
 
 def _driver_error(error: BaseException) -> BaseException | None:
@@ -169,14 +172,15 @@ def _driver_error(error: BaseException) -> BaseException | None:
     `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through.
     """
     for candidate in _chain(error):
-        if isinstance(candidate, asyncpg.PostgresError | ssl.SSLCertVerificationError):
+        if isinstance(candidate, asyncpg.PostgresError | asyncpg.ConnectionDoesNotExistError):
             return candidate
-        if isinstance(candidate, asyncpg.ConnectionDoesNotExistError | OSError):
+        if isinstance(candidate, OSError):  # ssl errors and TimeoutError included
             return candidate
     return None
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it wraps (`.orig`, `__cause__`, `__context__`), breadth first."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
     while pending:
@@ -191,9 +195,7 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
                 pending.append(linked)
 
 
-def _server_error(error: asyncpg.PostgresError) -> TodoStoreError:
-    sqlstate = error.sqlstate or ""
-    reason = _one_line(str(getattr(error, "message", None) or error))
+def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
     if sqlstate == _PROTOCOL_VIOLATION:
         return _pooler_error(reason)
     if sqlstate.startswith(_AUTH_CLASS):
@@ -223,13 +225,12 @@ def _server_error(error: asyncpg.PostgresError) -> TodoStoreError:
 def _pooler_error(reason: str) -> TodoStoreError:
     for pattern, kind in PGBOUNCER_LOGIN_MESSAGES.items():
         if re.match(pattern, reason):
-            if kind is _STARTUP_PARAMETER:
-                return ConnectionRejected(
-                    reason, _startup_parameter_advice(reason), sqlstate=_PROTOCOL_VIOLATION
-                )
-            if kind.rejected:
-                return ConnectionRejected(reason, kind.advice, sqlstate=_PROTOCOL_VIOLATION)
-            break
+            if not kind.rejected:
+                break
+            advice = (
+                _startup_parameter_advice(reason) if kind is _STARTUP_PARAMETER else kind.advice
+            )
+            return ConnectionRejected(reason, advice, sqlstate=_PROTOCOL_VIOLATION)
     return DatabaseUnavailable(
         f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {_RETRY}"
     )
@@ -249,9 +250,8 @@ def _startup_parameter_advice(reason: str) -> str:
 
 
 def _certificate_error(
-    error: ssl.SSLCertVerificationError, tls: TlsIntent | None
+    error: ssl.SSLCertVerificationError, reason: str, tls: TlsIntent | None
 ) -> TodoStoreError:
-    reason = _one_line(error.verify_message or error.reason or str(error))
     why = _why_verified(tls)
     if error.verify_code in _HOSTNAME_MISMATCH_CODES:
         if tls is not None and tls.reason == "channel_binding=require":
@@ -277,33 +277,10 @@ def _why_verified(tls: TlsIntent | None) -> str:
     return f"the server certificate is verified because of {tls.reason}"
 
 
-def _os_reason(error: OSError) -> str:
+def _os_reason(error: OSError, said: Callable[[str], str]) -> str:
     """The operating system's wording ("connection refused"), plus what Python added."""
-    detail = _one_line(str(error))
-    if error.errno is None or isinstance(error, ssl.SSLError):
-        return detail or type(error).__name__
-    try:
-        name = os.strerror(error.errno).lower() if error.errno > 0 else ""
-    except ValueError:
-        name = ""
-    if error.errno == errno_codes.ECONNREFUSED:
-        name = "connection refused"
-    if name and detail:
-        return f"{name} ({detail})"
-    return name or detail or type(error).__name__
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _redacted(error: TodoStoreError, password: str | None) -> TodoStoreError:
-    if not password or password not in str(error):
-        return error
-    if isinstance(error, ConnectionRejected):
-        return ConnectionRejected(
-            error.reason.replace(password, "***"),
-            error.advice.replace(password, "***"),
-            sqlstate=error.sqlstate,
-        )
-    return DatabaseUnavailable(str(error).replace(password, "***"))
+    detail = said(str(error))
+    if error.errno is None or error.errno <= 0 or isinstance(error, ssl.SSLError):
+        return detail or type(error).__name__  # e.g. name resolution: "[Errno -2] Name or ..."
+    name = os.strerror(error.errno).lower()
+    return f"{name} ({detail})" if detail else name
