@@ -37,6 +37,7 @@ from todo_store.testing.secure_server import (
     SecureServer,
     SecureServerUnavailable,
     pgbouncer_options,
+    scram_secret,
     secure_server,
 )
 from todo_store.urls import to_asyncpg
@@ -69,6 +70,11 @@ class Endpoint:
         """A URL to this endpoint; `query` defaults to a verified TLS connection."""
         query = parts.pop("query", self.server.verified_query)
         return self.server.url(port=self.port, query={**BOUNDED, **query}, **parts)
+
+
+def endpoint_url(server: SecureServer, **parts: Any) -> str:
+    """A verified, bounded URL straight to the server."""
+    return Endpoint("direct", server, server.port).url(**parts)
 
 
 def _unavailable(reason: str) -> None:
@@ -321,6 +327,23 @@ async def test_silent_server_times_out_as_unavailable(server: SecureServer) -> N
 
     assert isinstance(error, DatabaseUnavailable)
     assert "connect timeout" in str(error)
+
+
+async def test_role_over_its_connection_limit_is_unavailable(server: SecureServer) -> None:
+    admin = await asyncpg.connect(server.admin_url)
+    try:
+        secret = scram_secret(server.password)
+        await admin.execute(
+            f"CREATE ROLE limited_role LOGIN CONNECTION LIMIT 0 PASSWORD '{secret}'"
+        )
+        error = await connect_failure(endpoint_url(server, user="limited_role"))
+    finally:
+        await admin.execute("DROP ROLE IF EXISTS limited_role")
+        await admin.close()
+
+    assert isinstance(error, DatabaseUnavailable), f"{type(error).__name__}: {error}"
+    assert 'too many connections for role "limited_role" (SQLSTATE 53300)' in str(error)
+    assert_one_line_without_secrets(error, server.password)
 
 
 async def test_full_pooler_is_unavailable_with_its_reason(server: SecureServer) -> None:

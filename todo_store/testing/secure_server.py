@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +75,10 @@ class SecureServer:
     port: int
     certificates: TestCertificates
     superuser: str
-    superuser_password: str
+    superuser_password: str = field(repr=False)
     user: str
-    password: str
-    password_secret: str  # the role's SCRAM verifier, as the server stores it
+    password: str = field(repr=False)
+    password_secret: str = field(repr=False)  # the role's SCRAM verifier, as the server keeps it
     database: str
 
     def url(
