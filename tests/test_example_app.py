@@ -15,9 +15,20 @@ import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import delete
+from sqlalchemy.engine import URL
 
 from examples.fastapi_app import create_app
-from todo_store import Settings, TaskRepo, TodoStore, User, UserNotFound, UserRepo
+from todo_store import (
+    CommitOutcomeUnknown,
+    DatabaseError,
+    Settings,
+    TaskRepo,
+    TodoStore,
+    TransactionConflict,
+    User,
+    UserNotFound,
+    UserRepo,
+)
 from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 NEVER_ISSUED_ID = 2**63 - 1  # a valid task id no task will ever get
@@ -87,15 +98,16 @@ async def test_happy_flow(
         assert (await TaskRepo(session).get(me, milk["id"])).title == "Buy milk"
 
     listed = (await client.get("/tasks", headers=h)).json()
-    assert [t["id"] for t in listed] == [bread["id"], milk["id"]]  # newest first
+    assert [t["id"] for t in listed["items"]] == [bread["id"], milk["id"]]  # newest first
+    assert listed["next_before"] is None
     page = await client.get("/tasks", params={"limit": 1, "before": bread["id"]}, headers=h)
-    assert [t["id"] for t in page.json()] == [milk["id"]]
+    assert [t["id"] for t in page.json()["items"]] == [milk["id"]]
 
     response = await client.post(f"/tasks/{milk['id']}/toggle", headers=h)
     assert response.status_code == 200
     assert response.json()["completed"] is True
     done = await client.get("/tasks", params={"completed": "true"}, headers=h)
-    assert [t["id"] for t in done.json()] == [milk["id"]]
+    assert [t["id"] for t in done.json()["items"]] == [milk["id"]]
 
     response = await client.patch(f"/tasks/{milk['id']}", json={"description": "oat"}, headers=h)
     assert response.status_code == 200
@@ -153,7 +165,10 @@ async def test_another_users_task_looks_missing(
     assert foreign.headers["content-length"] == missing.headers["content-length"]
 
     assert (await client.get(f"/tasks/{theirs['id']}", headers=_as(other))).json() == theirs
-    assert (await client.get("/tasks", headers=_as(me))).json() == []
+    assert (await client.get("/tasks", headers=_as(me))).json() == {
+        "items": [],
+        "next_before": None,
+    }
     assert (await client.get("/tasks/count", headers=_as(me))).json() == 0
 
 
@@ -247,3 +262,146 @@ async def test_schema_missing_is_503(unmigrated_store: TodoStore, new_user_id: s
         response = await http.get("/tasks", headers=_as(new_user_id))
     assert response.status_code == 503
     assert response.json() == {"detail": "database schema not ready"}
+
+
+async def test_the_list_is_paged_with_a_cursor(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    created = (
+        await client.post(
+            "/tasks/batch", json=[{"title": f"task {n}"} for n in range(5)], headers=_as(me)
+        )
+    ).json()
+    pages: list[list[int]] = []
+    params: dict[str, int] = {"limit": 2}
+    while True:
+        page = (await client.get("/tasks", params=params, headers=_as(me))).json()
+        pages.append([task["id"] for task in page["items"]])
+        if page["next_before"] is None:
+            break
+        assert page["next_before"] == pages[-1][-1]
+        params["before"] = page["next_before"]
+    newest_first = sorted((task["id"] for task in created), reverse=True)
+    assert pages == [newest_first[0:2], newest_first[2:4], newest_first[4:]]
+
+
+async def test_batch_creates_all_or_none(client: httpx.AsyncClient, users: tuple[str, str]) -> None:
+    me, other = users
+    await _sign_up(client, me)
+    response = await client.post(
+        "/tasks/batch", json=[{"title": "one"}, {"title": "two"}], headers=_as(me)
+    )
+    assert response.status_code == 201, response.text
+    assert [task["title"] for task in response.json()] == ["one", "two"]
+
+    response = await client.post(
+        "/tasks/batch", json=[{"title": "three"}, {"title": " "}], headers=_as(me)
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", 1, "title"]
+    response = await client.post("/tasks/batch", json=[{"title": "x"}] * 51, headers=_as(me))
+    assert response.status_code == 422
+    response = await client.post("/tasks/batch", json=[{"title": "x"}], headers=_as(other))
+    assert response.status_code == 404
+    assert (await client.get("/tasks/count", headers=_as(me))).json() == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"title": "\\ud800"}', "title"),  # a lone surrogate: JSON allows it, UTF-8 does not
+        ('{"title": "ok", "description": "a\\udfffb"}', "description"),
+    ],
+)
+async def test_text_that_is_not_unicode_is_422(
+    client: httpx.AsyncClient, users: tuple[str, str], body: str, field: str
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    headers = {**_as(me), "content-type": "application/json"}
+    response = await client.post("/tasks", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", field]]
+    assert "\\ud" not in response.text
+    assert (await client.get("/tasks/count", headers=_as(me))).json() == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"title": "x" * 3_000_000},
+        {"title": "ok", "x" * 1_000_000: 1},
+        {"title": "ok", **{f"field_{n}": n for n in range(10_000)}},
+        {"title": 7, "description": ["y" * 100_000] * 20},
+    ],
+    ids=["huge title", "huge unknown key", "many unknown keys", "huge wrong type"],
+)
+async def test_422_never_echoes_the_input(
+    client: httpx.AsyncClient, users: tuple[str, str], body: dict[str, Any]
+) -> None:
+    me, _ = users
+    response = await client.post("/tasks", json=body, headers=_as(me))
+    assert response.status_code == 422
+    assert len(response.content) < 4_000
+    errors = response.json()["detail"]
+    assert 1 <= len(errors) <= 20
+    assert all(set(error) == {"loc", "msg", "type"} for error in errors)
+    assert "x" * 101 not in response.text
+    assert "y" * 101 not in response.text
+
+
+async def test_rejected_login_is_503_without_retry_after(
+    todo_store_server: ProvisionedServer, new_user_id: str
+) -> None:
+    server = todo_store_server
+    query = {"host": server.host, "port": str(server.port)} if server.is_unix_socket else {}
+    url = URL.create(
+        "postgresql",
+        "no_such_role",
+        "secretpw",
+        None if server.is_unix_socket else server.host,
+        None if server.is_unix_socket else server.port,
+        "postgres",
+        query=query,
+    ).render_as_string(hide_password=False)
+    async with TodoStore(url) as rejected, _client(rejected) as http:
+        response = await http.get("/tasks", headers=_as(new_user_id))
+    assert response.status_code == 503
+    assert "retry-after" not in response.headers
+    assert response.json() == {"detail": "database unavailable"}
+    assert "secretpw" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "detail", "retry_after"),
+    [
+        (TransactionConflict("40001"), 503, "database busy, retry shortly", "1"),
+        (
+            CommitOutcomeUnknown("the connection was lost during COMMIT"),
+            503,
+            "the database did not confirm the write: read before retrying",
+            None,
+        ),
+        (DatabaseError("XX000"), 500, "internal error", None),
+    ],
+    ids=["TransactionConflict", "CommitOutcomeUnknown", "DatabaseError"],
+)
+async def test_package_errors_map_to_fixed_responses(
+    store: TodoStore, error: Exception, status: int, detail: str, retry_after: str | None
+) -> None:
+    # These arise from timing (conflicts, a connection lost mid-COMMIT, a server fault), which
+    # the engine's own tests provoke for real; here only the response each one gets is checked.
+    app = create_app(store)
+
+    async def fails() -> None:
+        raise error
+
+    app.add_api_route("/fails", fails)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.get("/fails")
+    assert response.status_code == status
+    assert response.json() == {"detail": detail}
+    assert response.headers.get("retry-after") == retry_after
