@@ -220,7 +220,14 @@ async def test_without_the_applications_file_the_commands_say_where_to_run(
         "— 1001 is not in todo-store's own migrations: run in your"
         " application's directory (its alembic.ini) or pass --config PATH"
     )
+    drift = doctor.line("drift")
+    assert drift.startswith("✘ drift: not compared: ")
+    assert drift.endswith(
+        "— 1001 is not in todo-store's own migrations: run in your"
+        " application's directory (its alembic.ini) or pass --config PATH"
+    )
     assert "alembic upgrade head" not in doctor.stdout
+    assert "todo-store migrate" not in doctor.stdout  # migrating cannot fix this
     assert doctor.stderr == ""
 
 

@@ -263,15 +263,17 @@ async def _revision_check(settings: Settings, config: Path | None) -> CheckResul
     shown = ", ".join(current) or "none (empty database)"
     detail = f"{shown}, head is {', '.join(heads)}, {where}"
     unknown = migrations.unknown_revisions(current, config)
-    if unknown:
-        # An application's revisions, run without its alembic.ini: migrating cannot help.
-        known_to = config or "todo-store's own migrations"
-        hint = (
-            f"{', '.join(unknown)} is not in {known_to}: run in your application's directory"
-            " (its alembic.ini) or pass --config PATH"
-        )
-        return CheckResult("revision", False, detail, hint)
-    return CheckResult("revision", False, detail, upgrade_hint(config))
+    hint = _where_to_run(unknown, config) if unknown else upgrade_hint(config)
+    return CheckResult("revision", False, detail, hint)
+
+
+def _where_to_run(unknown: list[str], config: Path | None) -> str:
+    # An application's revisions, run without its alembic.ini: migrating cannot help.
+    known_to = config or "todo-store's own migrations"
+    return (
+        f"{', '.join(unknown)} is not in {known_to}: run in your application's directory"
+        " (its alembic.ini) or pass --config PATH"
+    )
 
 
 def _describe_diff(diff: Any) -> str:
@@ -309,7 +311,12 @@ async def _drift_check(settings: Settings, config: Path | None) -> CheckResult:
             "drift", False, f"models and database differ: {shown}{more}", _drift_hint(config)
         )
     except CommandError as error:  # e.g. "Target database is not up to date."
-        return CheckResult("drift", False, f"not compared: {error}", upgrade_hint(config))
+        try:
+            unknown = migrations.unknown_revisions(await migrations.current_heads(settings), config)
+        except Exception:  # the revision check reports why the database cannot be read
+            unknown = []
+        hint = _where_to_run(unknown, config) if unknown else upgrade_hint(config)
+        return CheckResult("drift", False, f"not compared: {error}", hint)
     except migrations.MigrationConfigError as error:
         return CheckResult("drift", False, f"not compared: {error}")
     except Exception as error:
