@@ -1,8 +1,11 @@
 """Named prepared statements left on PgBouncer's server connections after N transactions.
 
 A fresh PgBouncer (transaction mode, pool of 4) per client; `concurrency` client connections
-run N single-call units of work, so transactions move between server connections. Then as many
-clients as the pool has server connections each open a transaction (pinning one server
+run N single-call units of work, so transactions move between server connections. Clients with
+statement caching run on a PgBouncer that tracks prepared statements (>= 1.21 with
+`max_prepared_statements = 1000`, as Neon's), where what is left is PgBouncer's own copies,
+bounded by the distinct statements sent; they are skipped where no such PgBouncer is installed.
+Then as many clients as the pool has server connections each open a transaction (pinning one server
 connection each, held until all have answered) and read `count(*) FROM pg_prepared_statements`
 there: every server connection is reached once.
 """
@@ -18,9 +21,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from benchmarks.environment import BOUNCER_POOL_SIZE, Database, asyncpg_dsn
-from benchmarks.round_trips import recipe_engine
+from benchmarks.round_trips import NonAtomicStoreClient, recipe_engine, tracking_pgbouncer
 from benchmarks.workload import Client, Owner, StoreClient, make_owner
 from todo_store import TodoStore
+from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
 from todo_store.testing.plugin import settings_for
 
 MIX = ("TaskRepo.get", "TaskRepo.list_for", "TaskRepo.count_for", "TaskRepo.toggle")
@@ -31,6 +35,7 @@ class LeakResult:
     label: str
     transactions: int
     per_server: tuple[int, ...]  # named statements on each server connection reached
+    pooler: str = "PgBouncer"  # "PgBouncer 1.18", "PgBouncer 1.25 (max_prepared_statements=1000)"
 
     @property
     def total(self) -> int:
@@ -46,26 +51,56 @@ async def measure_leaks(
     finally:
         await setup.close()
     clients = (
-        ("todo_store default (unnamed statements)", _todo_store),
-        ("SQLAlchemy recipe (uuid names)", _recipe),
+        ("todo_store default (unnamed statements)", _todo_store, False),
+        ("todo_store session(atomic=False) (unnamed statements)", _non_atomic, False),
+        ("SQLAlchemy recipe (uuid names)", _recipe, False),
+        ("todo_store statement_cache=True", _cached, True),
+        ("todo_store statement_cache=True, session(atomic=False)", _cached_non_atomic, True),
     )
     results = []
-    for label, make in clients:
-        with db.bouncer() as bouncer:
+    for label, make, tracking in clients:
+        try:
+            bouncer = tracking_pgbouncer(db) if tracking else db.bouncer()
+        except PgBouncerUnavailable as error:
+            print(f"  leak: {label}: not measured: {error}", file=sys.stderr)
+            continue
+        with bouncer:
             client = make(bouncer.url, concurrency)
             try:
                 await _run(client, owners, transactions)
             finally:
                 await client.close()
             per_server = await named_statements_per_server(bouncer.url, BOUNCER_POOL_SIZE)
-        results.append(LeakResult(label, transactions, per_server))
+        results.append(LeakResult(label, transactions, per_server, _pooler_name(bouncer)))
         print(f"  leak: {label}: {sum(per_server)} left", file=sys.stderr)
     return results
+
+
+def _pooler_name(bouncer: PgBouncer) -> str:
+    version = ".".join(map(str, bouncer.version))
+    if bouncer.max_prepared_statements:
+        return f"PgBouncer {version} (max_prepared_statements={bouncer.max_prepared_statements})"
+    return f"PgBouncer {version}"
 
 
 def _todo_store(url: str, pool_size: int) -> Client:
     settings = settings_for(url).model_copy(update={"pool_size": pool_size, "max_overflow": 0})
     return StoreClient(TodoStore(settings))
+
+
+def _non_atomic(url: str, pool_size: int) -> Client:
+    settings = settings_for(url).model_copy(update={"pool_size": pool_size, "max_overflow": 0})
+    return NonAtomicStoreClient(TodoStore(settings))
+
+
+def _cached(url: str, pool_size: int) -> Client:
+    update = {"pool_size": pool_size, "max_overflow": 0, "statement_cache": True}
+    return StoreClient(TodoStore(settings_for(url).model_copy(update=update)))
+
+
+def _cached_non_atomic(url: str, pool_size: int) -> Client:
+    update = {"pool_size": pool_size, "max_overflow": 0, "statement_cache": True}
+    return NonAtomicStoreClient(TodoStore(settings_for(url).model_copy(update=update)))
 
 
 def _recipe(url: str, pool_size: int) -> Client:

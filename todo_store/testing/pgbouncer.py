@@ -175,8 +175,7 @@ class PgBouncer:
 
     @property
     def version(self) -> tuple[int, int]:
-        """(major, minor) of the PgBouncer running (a lower bound for the container)."""
-        self._started()
+        """(major, minor) of the PgBouncer started (a lower bound for the container)."""
         if self._version is None:
             raise RuntimeError("PgBouncer not started")
         return self._version
