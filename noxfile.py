@@ -47,6 +47,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (round trips, throughput, scaling); writes benchmarks/results.md."""
+    """Benchmarks (round trips, peers, scaling); writes benchmarks/results.md and results.png."""
     session.install("-e", ".[dev]")
+    # Benchmark-only: the peer measured against, and the chart. Never runtime dependencies.
+    session.install("advanced-alchemy>=1.12,<2", "matplotlib>=3.8")
     session.run("python", "-m", "benchmarks", *session.posargs)

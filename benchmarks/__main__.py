@@ -1,8 +1,10 @@
-"""`python -m benchmarks [--quick]`: run every benchmark, write benchmarks/results.md, print it.
+"""`python -m benchmarks [--quick] [--only comparison]`: run the benchmarks, write the report.
 
 Needs only what the tests need: a PostgreSQL from `TODO_STORE_TEST_DATABASE_URL` (else Docker,
-else an embedded one) and the `pgbouncer` binary (or Docker). Everything it creates (databases,
-PgBouncer processes, proxies) is removed at the end. A full run takes a few minutes on 2 cores.
+else an embedded one) and the `pgbouncer` binary (or Docker); the peer comparison also uses
+advanced-alchemy and matplotlib when installed (`nox -s bench` installs both). Everything it
+creates (databases, PgBouncer processes, proxies) is removed at the end. A full run takes
+about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 import asyncpg
 
 from benchmarks import environment
+from benchmarks.chart import draw
+from benchmarks.comparison import RAW, TODO_STORE, TODO_STORE_NON_ATOMIC, TUTORIAL, compare
+from benchmarks.comparison import Plan as ComparisonPlan
 from benchmarks.leak import measure_leaks, statement_cache_on_old_pgbouncer
+from benchmarks.peers import HOT_CALLS
 from benchmarks.report import STATEMENT_CACHE_ON_POOLER_SINCE, Results, render
 from benchmarks.round_trips import CONFIGS, DIRECT, PGBOUNCER, PathResult, measure_path
 from benchmarks.scaling import measure_scaling
-from benchmarks.throughput import measure_throughput
 from benchmarks.workload import check_raw_sql
 from todo_store import TodoStore
 from todo_store.testing.plugin import settings_for
@@ -35,13 +40,19 @@ LEAK_CONCURRENCY = 8
 class Plan:
     iterations: int
     leak_transactions: int
-    throughput_seconds: float
+    comparison: ComparisonPlan
     scaling_sizes: list[int]
     scaling_samples: int
 
 
-FULL = Plan(7, 1_200, 4.0, [10**4, 10**5, 10**6], 51)
-QUICK = Plan(2, 300, 0.5, [10**4, 10**5], 11)
+FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51)
+QUICK = Plan(
+    2,
+    300,
+    ComparisonPlan(users=50, tasks_per_user=50, rounds=2, seconds=0.4, warmup_seconds=0.1),
+    [10**4, 10**5],
+    11,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,38 +62,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--rtt-ms", type=float, default=20.0, help="round-trip time the proxy injects (ms)"
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file")
+    parser.add_argument(
+        "--only",
+        choices=["comparison"],
+        help="run only this part (the report then holds only it)",
+    )
     return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace, command: str) -> Results:
     plan = QUICK if args.quick else FULL
     rtt = args.rtt_ms / 1000
+    everything = args.only is None
+    paths: list[PathResult] = []
+    cache_check = None
+    leaks = []
+    scaling = []
     async with environment.server() as server:
         async with environment.database(server, "main") as db:
             with db.bouncer() as bouncer:
                 versions = await environment.versions(db, bouncer)
                 mismatches = await _raw_sql_mismatches(db)
-                paths = await _round_trips(db, bouncer.url, rtt, plan)
-            cache_check = None
-            if versions.pgbouncer_number >= STATEMENT_CACHE_ON_POOLER_SINCE:
+                if everything:
+                    paths = await _round_trips(db, bouncer.url, rtt, plan)
+            if everything and versions.pgbouncer_number >= STATEMENT_CACHE_ON_POOLER_SINCE:
                 with db.bouncer(max_prepared_statements=100) as tracking:
                     label = f"{PGBOUNCER} (max_prepared_statements=100)"
                     measured = await _measure(
-                        label, tracking.url, db, keys=["b"], rtt=rtt, plan=plan
+                        label, tracking.url, db, keys=["b", "b-"], rtt=rtt, plan=plan
                     )
                     paths.append(measured)
-            else:
+            elif everything:
                 cache_check = await statement_cache_on_old_pgbouncer(
                     db, transactions=plan.leak_transactions // 3, concurrency=LEAK_CONCURRENCY
                 )
-            leaks = await measure_leaks(
-                db, transactions=plan.leak_transactions, concurrency=LEAK_CONCURRENCY
-            )
-            throughput = await measure_throughput(db, seconds=plan.throughput_seconds)
-        async with environment.database(server, "scaling") as scaling_db:
-            scaling = await measure_scaling(
-                scaling_db, sizes=plan.scaling_sizes, samples=plan.scaling_samples
-            )
+            if everything:
+                leaks = await measure_leaks(
+                    db, transactions=plan.leak_transactions, concurrency=LEAK_CONCURRENCY
+                )
+        async with environment.database(server, "comparison") as comparison_db:
+            comparison = await compare(comparison_db, plan.comparison)
+        if everything:
+            async with environment.database(server, "scaling") as scaling_db:
+                scaling = await measure_scaling(
+                    scaling_db, sizes=plan.scaling_sizes, samples=plan.scaling_samples
+                )
+    chart = args.output.with_suffix(".png")
+    why_not = draw(comparison, chart_round_trips(paths), chart)
     return Results(
         command=command,
         quick=args.quick,
@@ -94,11 +120,31 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         cache_check=cache_check,
         leaks=leaks,
         leak_concurrency=LEAK_CONCURRENCY,
-        throughput=throughput,
-        throughput_seconds=plan.throughput_seconds,
+        comparison=comparison,
+        chart=chart.name if why_not is None else why_not,
+        chart_drawn=why_not is None,
         scaling=scaling,
         scaling_samples=plan.scaling_samples,
     )
+
+
+# Round-trip configurations shown next to the comparison's implementations in the chart.
+CHART_CONFIGS = {"a": TODO_STORE, "a-": TODO_STORE_NON_ATOMIC, "e": TUTORIAL, "c": RAW}
+
+
+def chart_round_trips(paths: list[PathResult]) -> dict[str, dict[str, int]]:
+    """Round trips per unit of work measured direct: implementation -> call -> count."""
+    out: dict[str, dict[str, int]] = {}
+    for path in paths:
+        if path.path != DIRECT:
+            continue
+        for (key, name), cell in path.cells.items():
+            label = CHART_CONFIGS.get(key)
+            call = name.removeprefix("TaskRepo.")
+            if label is None or call not in HOT_CALLS or cell.error or not cell.counted:
+                continue
+            out.setdefault(label, {})[call] = min(cell.counted)
+    return {label: out[label] for label in CHART_CONFIGS.values() if label in out}
 
 
 async def _round_trips(
@@ -106,10 +152,10 @@ async def _round_trips(
 ) -> list[PathResult]:
     return [
         await _measure(
-            PGBOUNCER, pooled_url, db, keys=["a", "c", "d", "d+", "e"], rtt=rtt, plan=plan
+            PGBOUNCER, pooled_url, db, keys=["a", "a-", "c", "d", "d+", "e"], rtt=rtt, plan=plan
         ),
         await _measure(
-            DIRECT, db.url, db, keys=["a", "b", "c", "d", "d+", "e"], rtt=rtt, plan=plan
+            DIRECT, db.url, db, keys=["a", "a-", "b", "b-", "c", "d", "d+", "e"], rtt=rtt, plan=plan
         ),
     ]
 
@@ -118,7 +164,7 @@ async def _measure(
     path: str, url: str, db: environment.Database, *, keys: list[str], rtt: float, plan: Plan
 ) -> PathResult:
     by_key = {config.key: config for config in CONFIGS}
-    configs = [by_key[key] for key in keys]
+    configs = [by_key[key] for key in keys if key in by_key]
     return await measure_path(path, url, db, configs, rtt=rtt, iterations=plan.iterations)
 
 

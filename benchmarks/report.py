@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.comparison import (
+    ADVANCED_ALCHEMY,
+    CORE,
+    RAW,
+    RAW_NON_ATOMIC,
+    TODO_STORE,
+    TODO_STORE_NON_ATOMIC,
+    TUTORIAL,
+    Comparison,
+    Spread,
+)
 from benchmarks.environment import Versions
 from benchmarks.leak import CacheCheck, LeakResult
+from benchmarks.peers import HOT_CALLS
 from benchmarks.round_trips import DIRECT, PathResult
 from benchmarks.scaling import CALLED, USERS, ScalingRow
-from benchmarks.throughput import ThroughputRow
 from benchmarks.workload import CALLS, TutorialClient
 
 STATEMENT_CACHE_ON_POOLER_SINCE = (1, 21)
@@ -26,8 +37,9 @@ class Results:
     cache_check: CacheCheck | None
     leaks: list[LeakResult]
     leak_concurrency: int
-    throughput: list[ThroughputRow]
-    throughput_seconds: float
+    comparison: Comparison
+    chart: str  # file name next to the report, or why there is none
+    chart_drawn: bool
     scaling: list[ScalingRow]
     scaling_samples: int
 
@@ -60,10 +72,10 @@ def render(results: Results) -> str:
             ],
         ),
         "",
-        _round_trips(results),
-        _leaks(results),
-        _throughput(results),
-        _scaling(results),
+        _round_trips(results) if results.paths else "",
+        _leaks(results) if results.leaks else "",
+        _comparison(results),
+        _scaling(results) if results.scaling else "",
     ]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -211,37 +223,105 @@ def _leaks(results: Results) -> str:
     )
 
 
-def _throughput(results: Results) -> str:
-    header = ["call", "todo_store ops/s", "raw asyncpg ops/s", "ratio"]
-    header += ["client CPU/op todo_store", "client CPU/op raw"]
-    rows = [
-        [
-            f"`{r.name}`",
-            f"{r.todo_store:,.0f}",
-            f"{r.raw:,.0f}",
-            f"{r.ratio:.2f}",
-            f"{r.todo_store_cpu_ms:.2f} ms",
-            f"{r.raw_cpu_ms:.2f} ms",
-        ]
-        for r in results.throughput
+READS = ("get", "list_for", "count_for")
+
+
+def _spread(s: Spread, fmt: str = ",.0f") -> str:
+    return f"{s.median:{fmt}} ({s.low:{fmt}}-{s.high:{fmt}})"
+
+
+def _comparison(results: Results) -> str:
+    c = results.comparison
+    plan = c.plan
+    labels = c.labels
+    out = [
+        "## 3. Throughput: todo_store against its peers (no injected latency)",
+        "",
+        f"One process, direct to PostgreSQL, {plan.workers} concurrent workers, a pool of "
+        f"{plan.workers} connections, statement caching off (as the package runs by default), "
+        f"{plan.users} users x {plan.tasks_per_user} tasks; every operation is its own unit of "
+        "work on a random user and task. For each call the implementations run in turns, "
+        f"{plan.seconds:g} s each, in an order that rotates every round; {plan.rounds} rounds. "
+        "Cells: median of the rounds (min-max). Ratios are taken within each round, then "
+        "summarised. Client CPU/op is this process's CPU time / operations: the database shares "
+        "the machine's cores, so ops/s follows it closely.",
+        "",
+        "Implementations (`benchmarks/peers.py`): **todo_store** `async with store.session() as "
+        "s: await TaskRepo(s).<call>(...)`; **todo_store atomic=False** the same with "
+        "`store.session(atomic=False)` (each statement commits by itself: no BEGIN/COMMIT); "
+        "**tutorial ORM** `AsyncSession(engine)`, `session.get` / `select(Task)`, writes as get + "
+        "attribute set + `commit()` + `refresh()`; **advanced-alchemy** `SQLAlchemyAsyncRepository`"
+        " `get_one` / `list` / `add` / `update` / `count` with `auto_commit=True`; **SQLAlchemy "
+        "Core** `engine.begin()` and a statement built in the call, `Row`s back; **raw asyncpg** "
+        "the exact SQL todo_store sends, `statement_cache_size=0`, in `conn.transaction()` (and "
+        "without one, the floor for atomic=False). All SQLAlchemy ones share todo_store's engine.",
+        "",
     ]
-    return "\n".join(
-        [
-            "## 3. Throughput of the hot calls (no injected latency)",
-            "",
-            "Direct connection, 8 concurrent workers, 8 pooled connections each side; every "
-            "operation is a unit of work (transaction + one call). raw asyncpg runs the same SQL "
-            "with `statement_cache_size=0` inside `conn.transaction()`. Both in the same run, "
-            f"alternating, {results.throughput_seconds:g} s per call per client. Client and "
-            "server share the machine's cores: the benchmark process is CPU-bound, so the ratio "
-            "is mostly the client CPU per operation (last two columns: this process's CPU "
-            "time / operations), i.e. the cost of the SQLAlchemy ORM layer, not of the "
-            "database or the network.",
-            "",
-            table(header, rows),
-            "",
-        ]
-    )
+    for label, why in c.missing.items():
+        out += [f"Not measured: **{label}**: {why}.", ""]
+    errors = {(label, call): cell.errors for (label, call), cell in c.cells.items() if cell.errors}
+    if errors:
+        out += [f"**Errors during the run** (label, call: count): {errors}", ""]
+    if results.chart_drawn:
+        out += [f"![ops/s and round trips per call]({results.chart})", ""]
+    else:
+        out += [f"No chart: {results.chart}.", ""]
+
+    out += ["### Operations per second", ""]
+    rows = [[f"`{call}`", *(_spread(c.ops(label, call)) for label in labels)] for call in HOT_CALLS]
+    out += [table(["call", *labels], rows), ""]
+
+    out += ["### Ratio to raw asyncpg (in a transaction), same round", ""]
+    rows = []
+    for call in HOT_CALLS:
+        cells = [c.ratio(label, RAW, call) for label in labels]
+        rows.append([f"`{call}`", *(_spread(r, ".2f") if r else "n/a" for r in cells)])
+    out += [table(["call", *labels], rows), ""]
+
+    out += ["### Client CPU per operation (ms)", ""]
+    rows = [
+        [f"`{call}`", *(_spread(c.cpu(label, call), ".2f") for label in labels)]
+        for call in HOT_CALLS
+    ]
+    out += [table(["call", *labels], rows), ""]
+    out += [_goal(c), ""]
+    return "\n".join(out)
+
+
+def _verdict(ratio: Spread | None, at_least: float) -> str:
+    if ratio is None:
+        return "n/a"
+    mark = "✔" if ratio.median >= at_least else "✘"
+    return f"{ratio.median:.2f} {mark}"
+
+
+def _goal(c: Comparison) -> str:
+    header = [
+        "call",
+        "÷ tutorial ORM (≥ 1.5)",
+        "÷ advanced-alchemy (≥ 1.5)",
+        "÷ Core rows (reads ≥ 1.0)",
+        "÷ raw asyncpg (stretch ≥ 0.5)",
+    ]
+    out = ["### The goal: todo_store ÷ peer (median of per-round ratios)", ""]
+    for mine, raw in ((TODO_STORE, RAW), (TODO_STORE_NON_ATOMIC, RAW_NON_ATOMIC)):
+        if mine not in c.labels:
+            continue
+        rows = []
+        for call in HOT_CALLS:
+            core = _verdict(c.ratio(mine, CORE, call), 1.0) if call in READS else "—"
+            rows.append(
+                [
+                    f"`{call}`",
+                    _verdict(c.ratio(mine, TUTORIAL, call), 1.5),
+                    _verdict(c.ratio(mine, ADVANCED_ALCHEMY, call), 1.5),
+                    core,
+                    _verdict(c.ratio(mine, raw, call), 0.5),
+                ]
+            )
+        heading = f"**{mine}** (raw asyncpg column: `{raw}`)"
+        out += [heading, "", table(header, rows), ""]
+    return "\n".join(out)
 
 
 def _scaling(results: Results) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
@@ -92,6 +92,10 @@ class World:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def world(session: AsyncSession) -> World:
+    return await world_for(session)
+
+
+async def world_for(session: AsyncSession) -> World:
     tasks, users = TaskRepo(session), UserRepo(session)
     me, other = _uid("me"), _uid("other")
     await users.upsert(me, email=f"{me}@example.com", name="Me")
@@ -709,6 +713,40 @@ async def test_each_call_sends_exactly_one_statement(
     await ONE_STATEMENT_CALLS[method](world)
 
     assert len(statements) == 1, statements.statements
+
+
+@pytest.mark.parametrize(
+    "method", list(ONE_STATEMENT_CALLS), ids=[f"{name}=1" for name in ONE_STATEMENT_CALLS]
+)
+async def test_each_call_on_a_connection_sends_one_statement_and_returns_the_same(
+    world: World, statements: Any, method: str
+) -> None:
+    on_session = await ONE_STATEMENT_CALLS[method](world)
+    await world.session.rollback()  # back to the state the fixture built, for a second run
+    world = await _rebuilt(world)
+    connection = await world.session.connection()
+    on_connection = replace(world, tasks=TaskRepo(connection), users=UserRepo(connection))
+    statements.clear()
+
+    result = await ONE_STATEMENT_CALLS[method](on_connection)
+
+    assert len(statements) == 1, statements.statements
+    assert _comparable(result) == _comparable(on_session)
+
+
+async def _rebuilt(world: World) -> World:
+    return await world_for(world.session)
+
+
+def _comparable(result: Any) -> Any:
+    # Ids, timestamps and generated user ids differ between the two runs; the shape must not.
+    if isinstance(result, list):
+        return [_comparable(item) for item in result]
+    if isinstance(result, TaskRecord):
+        return (type(result), result.title, result.description, result.completed)
+    if isinstance(result, UserRecord):
+        return (type(result), result.name)
+    return result
 
 
 # --------------------------------------------------------------------- the list query plan

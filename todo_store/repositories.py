@@ -5,7 +5,8 @@ Guarantees:
   reported exactly like a missing one (`TaskNotFound`);
 - each method sends one SQL statement, and validates its input before that (a
   `pydantic.ValidationError`, a `ValueError`, naming the field);
-- repositories never commit: the caller's unit of work (`TodoStore.session()`) does;
+- repositories never commit: the caller's unit of work (`TodoStore.session()`) does; they run
+  on an `AsyncSession` or, skipping the ORM session's bookkeeping, an `AsyncConnection`;
 - results are `TaskRecord` / `UserRecord`: complete rows, immutable, readable after the session
   closes; a repository never loads into, refreshes or overwrites the session's ORM objects;
 - changes the caller made to ORM objects in the same session and has not flushed yet are
@@ -27,6 +28,7 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Executable,
+    Integer,
     Select,
     Table,
     Update,
@@ -40,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Result
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from todo_store.errors import TaskNotFound, UserNotFound
@@ -58,6 +60,9 @@ from todo_store.schemas import (
 )
 
 R = TypeVar("R")
+
+Executor = AsyncSession | AsyncConnection
+"""What a repository runs on: a session (the usual unit of work) or a connection."""
 
 
 class _Unset:
@@ -101,7 +106,7 @@ def _list_statement(completed: bool | None, paged: bool) -> Select[Any]:
         select(*TASK_COLUMNS)
         .where(_OWNER, *_status(completed), *keyset)
         .order_by(TASKS.c.id.desc())
-        .limit(bindparam("row_limit"))
+        .limit(bindparam("row_limit", type_=Integer))
     )
 
 
@@ -161,13 +166,15 @@ def _in_session(
 
 
 async def _run(
-    session: AsyncSession,
+    executor: Executor,
     statement: Executable,
     parameters: Mapping[str, Any],
     shape: Callable[[Result[Any]], R],
 ) -> R:
     """Execute on the session's connection and shape the result, in one hop to the driver."""
-    return await session.run_sync(_in_session, statement, parameters, shape)
+    if isinstance(executor, AsyncConnection):
+        return shape(await executor.execute(statement, parameters))
+    return await executor.run_sync(_in_session, statement, parameters, shape)
 
 
 def _task_or_none(result: Result[Any]) -> TaskRecord | None:
@@ -201,9 +208,13 @@ def _rowcount(result: Result[Any]) -> int:
 
 
 class TaskRepo:
-    """Tasks of one user at a time: every method takes the owner's `user_id` first."""
+    """Tasks of one user at a time: every method takes the owner's `user_id` first.
 
-    def __init__(self, session: AsyncSession) -> None:
+    Runs on an `AsyncSession` (`store.session()`), or on an `AsyncConnection`, which skips
+    the ORM session's bookkeeping: the same statements, results and errors.
+    """
+
+    def __init__(self, session: Executor) -> None:
         self.session = session
 
     async def list_for(
@@ -317,9 +328,12 @@ class TaskRepo:
 
 
 class UserRepo:
-    """Users, keyed by the auth provider's id; emails are stored lower-cased."""
+    """Users, keyed by the auth provider's id; emails are stored lower-cased.
 
-    def __init__(self, session: AsyncSession) -> None:
+    Runs on an `AsyncSession` or an `AsyncConnection`, like `TaskRepo`.
+    """
+
+    def __init__(self, session: Executor) -> None:
         self.session = session
 
     async def upsert(self, user_id: str, *, email: str, name: str) -> UserRecord:
