@@ -100,7 +100,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         return 2
     print(migrations.direct_settings(settings)[1])
     if config is not None:
-        print(f"revisions: todo-store's and those {config} lists")
+        print(f"revisions: todo-store's and those listed in {config}")
     try:
         applied, heads = asyncio.run(_migrate(settings, config))
     except _UnknownRevisions as unknown:

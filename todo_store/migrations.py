@@ -125,8 +125,7 @@ def script_directory(config: ConfigPath | None = None) -> ScriptDirectory:
 
     Raises `MigrationConfigError` naming the file and what to change.
     """
-    alembic = alembic_config(config=config)
-    scripts = ScriptDirectory.from_config(alembic)
+    scripts = ScriptDirectory.from_config(alembic_config(config=config))
     if config is None:
         return scripts
     package = _package_revisions()
@@ -139,7 +138,7 @@ def script_directory(config: ConfigPath | None = None) -> ScriptDirectory:
             warnings.simplefilter("ignore")
             known = {script.revision for script in scripts.walk_revisions()}
     except KeyError as error:  # a down_revision no file has
-        if not _lists_package_versions(alembic):
+        if not _lists_package_versions(scripts):
             raise missing_package from None
         raise MigrationConfigError(
             f"{config}: a revision names down_revision {error} but no revision file has it"
@@ -151,9 +150,9 @@ def script_directory(config: ConfigPath | None = None) -> ScriptDirectory:
     return scripts
 
 
-def _lists_package_versions(alembic: Config) -> bool:
+def _lists_package_versions(scripts: ScriptDirectory) -> bool:
     package_versions = (package_script_location() / "versions").resolve()
-    locations = alembic.get_version_locations_list() or []
+    locations = scripts.version_locations or [str(Path(scripts.dir) / "versions")]
     return any(Path(location).resolve() == package_versions for location in locations)
 
 
