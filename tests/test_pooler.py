@@ -43,17 +43,33 @@ BOUNCER_POOL_SIZE = 4
 
 
 async def _terminate_backends(settings: Settings) -> int:
-    """Kill every other server connection to the test database, as a Neon suspend does."""
+    """Kill every other server connection to the test database, as a Neon suspend does, and
+    wait (up to 5 s each) until those backends have exited, so their sockets are closed."""
     connection = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
         killed = await connection.fetchval(
-            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))
+               FROM pg_stat_activity
                WHERE datname = current_database() AND pid <> pg_backend_pid()"""
         )
     finally:
         await connection.close()
     assert isinstance(killed, int)
     return killed
+
+
+async def _until_pgbouncer_sees_no_server(bouncer: PgBouncer) -> None:
+    """Bounded poll: PgBouncer has dropped every server connection of its database.
+
+    A request that reaches PgBouncer before it has read the server's close gets that dead
+    server connection; a compute suspend happens long before the next request does.
+    """
+    for _ in range(500):
+        servers = bouncer.admin_query("SHOW SERVERS")
+        if not any(row.get("database") == bouncer.database for row in servers):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("PgBouncer still lists server connections after 5 s")
 
 
 async def _fill_pool(store: TodoStore, size: int) -> None:
@@ -257,10 +273,15 @@ async def test_pool_of_dead_connections_recovers_on_next_unit(
 @pytest.mark.pgbouncer
 @pytest.mark.parametrize("atomic", ATOMIC)
 async def test_server_connections_killed_behind_pgbouncer(
-    pooled_store: TodoStore, todo_store_settings: Settings, new_user_id: str, atomic: bool
+    pooled_store: TodoStore,
+    todo_store_pgbouncer: PgBouncer,
+    todo_store_settings: Settings,
+    new_user_id: str,
+    atomic: bool,
 ) -> None:
     await _fill_pool(pooled_store, 4)
     assert await _terminate_backends(todo_store_settings) >= 1
+    await _until_pgbouncer_sees_no_server(todo_store_pgbouncer)
     async with pooled_store.session(atomic=atomic) as session:
         await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="K")
     async with pooled_store.session() as session:
