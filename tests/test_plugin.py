@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from todo_store import EmailTaken, Settings, TaskRepo, TodoStore, UserNotFound, UserRepo
+from todo_store import EmailTaken, Settings, TaskRepo, TodoStore, UserNotFound, UserRepo, migrations
 from todo_store.errors import TodoStoreError
 from todo_store.testing.isolated_store import IsolatedTodoStore
 
@@ -299,6 +299,59 @@ def test_fixture_and_test_loops_that_differ_are_explained(pytester: pytest.Pytes
     result = pytester.runpytest_subprocess(*STRICT)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*another event loop*give both the same scope*"])
+
+
+APP_ALEMBIC_INI = """\
+[alembic]
+script_location = todo_store:_alembic
+version_locations = todo_store:_alembic/versions %(here)s/migrations
+path_separator = space
+"""
+
+APP_REVISION = '''\
+"""Tasks get a priority.
+
+Revision ID: 1001
+Revises: {down_revision}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "1001"
+down_revision = "{down_revision}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("tasks", sa.Column("priority", sa.SmallInteger(), server_default="0"))
+
+
+def downgrade() -> None:
+    op.drop_column("tasks", "priority")
+'''
+
+APP_REVISION_TEST = """
+import pytest
+from sqlalchemy import text
+
+
+@pytest.mark.asyncio
+async def test_tasks_have_the_application_column(todo_store):
+    async with todo_store.session() as session:
+        await session.execute(text("SELECT priority FROM tasks WHERE false"))
+"""
+
+
+def test_application_revisions_in_the_project_root_are_applied(pytester: pytest.Pytester) -> None:
+    pytester.path.joinpath("alembic.ini").write_text(APP_ALEMBIC_INI)
+    pytester.mkdir("migrations").joinpath("1001_priority.py").write_text(
+        APP_REVISION.format(down_revision=migrations.head_revision())
+    )
+    pytester.makepyfile(test_priority=APP_REVISION_TEST)
+    result = pytester.runpytest_subprocess(*STRICT)
+    result.assert_outcomes(passed=1)
 
 
 # -- a plain install: todo-store and pytest, without the testing extra --------------------------

@@ -8,7 +8,8 @@ pytest: everything else is imported by the fixture that uses it, so a project th
 Fixtures that need no event loop (they work with or without pytest-asyncio):
 
 - `todo_store_server`: the PostgreSQL server of this run (see `postgres.provision_server`).
-- `todo_store_settings`: `Settings` for a fresh database of this run, migrated to head.
+- `todo_store_settings`: `Settings` for a fresh database of this run, migrated to head (with
+  the application's own revisions when the project's root holds an `alembic.ini`).
 - `todo_store_pgbouncer`: a PgBouncer in transaction mode (pool of 4) in front of that
   database. Skipped where PgBouncer cannot run, unless `TODO_STORE_REQUIRE_PGBOUNCER=1`.
 
@@ -121,20 +122,25 @@ def todo_store_server() -> Iterator[ProvisionedServer]:
 
 
 @pytest.fixture(scope="session")
-def todo_store_settings(todo_store_server: ProvisionedServer) -> Iterator[Settings]:
+def todo_store_settings(
+    todo_store_server: ProvisionedServer, request: pytest.FixtureRequest
+) -> Iterator[Settings]:
     """A database of its own for this run, migrated to head; dropped at the end.
 
+    The migrations are the ones `todo-store migrate` would apply in the project's root
+    directory: the package's, plus the application's own when an `alembic.ini` is there.
     Created and migrated on an event loop of its own, so the database outlives any test loop
     and works whichever loop scope the tests use.
     """
     from todo_store import migrations  # noqa: PLC0415
     from todo_store.testing.postgres import create_database, drop_database  # noqa: PLC0415
 
+    alembic_ini = migrations.find_config(cwd=request.config.rootpath)
     admin_url = todo_store_server.admin_url
     name = f"todo_store_test_{secrets.token_hex(4)}"
     settings = settings_for(run_in_own_loop(lambda: create_database(admin_url, name)))
     try:
-        run_in_own_loop(lambda: migrations.upgrade(settings))
+        run_in_own_loop(lambda: migrations.upgrade(settings, config=alembic_ini))
         yield settings
     finally:
         run_in_own_loop(lambda: drop_database(admin_url, name))
