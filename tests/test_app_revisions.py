@@ -21,6 +21,7 @@ from conftest import command_env
 
 from todo_store import migrations
 from todo_store.schema_checks import SCHEMA_CHECKS
+from todo_store.testing.plugin import settings_for
 
 TODO_STORE = Path(sys.executable).with_name("todo-store")
 PACKAGE_SCRIPTS = ScriptDirectory(str(migrations.package_script_location()))
@@ -229,6 +230,41 @@ async def test_without_the_applications_file_the_commands_say_where_to_run(
     assert "alembic upgrade head" not in doctor.stdout
     assert "todo-store migrate" not in doctor.stdout  # migrating cannot fix this
     assert doctor.stderr == ""
+
+    demo = await todo_store(bare, "demo", database_url=empty_database)
+    assert demo.returncode == 1
+    assert demo.lines[-1] == run.lines[-1].replace("✘ migrate:", "✘ demo:")
+    assert demo.stderr == ""
+
+
+async def test_upgrade_refuses_a_database_at_revisions_it_does_not_have(
+    empty_database: str, tmp_path: Path
+) -> None:
+    ini = make_app(tmp_path / "app", with_models=False)  # nothing imported into this process
+    settings = settings_for(empty_database)
+    applied = await migrations.upgrade(settings, config=ini)
+    assert applied[-1] == migrations.AppliedRevision(
+        APP_REVISION, "Tasks get a priority (0: none)."
+    )
+
+    with pytest.raises(migrations.UnknownRevisions) as refused:
+        await migrations.upgrade(settings)
+    assert refused.value.revisions == [APP_REVISION]
+    assert await migrations.current_heads(settings) == (APP_REVISION,)
+    assert await migrations.upgrade(settings, config=ini) == []
+
+
+async def test_hints_name_the_config_given(empty_database: str, tmp_path: Path) -> None:
+    ini = make_app(tmp_path / "app")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    doctor = await todo_store(
+        elsewhere, "doctor", "--config", str(ini), database_url=empty_database
+    )
+    assert doctor.returncode == 1
+    revision = doctor.line("revision")
+    assert revision.startswith(f"✘ revision: none (empty database), head is {APP_REVISION}")
+    assert revision.endswith(f"— run `todo-store migrate --config {ini}`")
 
 
 async def test_drift_names_the_column_the_models_lack(empty_database: str, tmp_path: Path) -> None:

@@ -146,6 +146,9 @@ def run_demo(say: Say = print, *, config: Path | None = None) -> int:
         return 2
     try:
         return asyncio.run(_demo(settings, "DATABASE_URL", say, config))
+    except migrations.UnknownRevisions as unknown:
+        say(f"✘ demo: {unknown}")
+        return 1
     except (*REPORTABLE_ERRORS, CommandError, migrations.MigrationConfigError) as error:
         say(f"✘ demo: {describe_error(error, settings)}")
         return 1

@@ -60,6 +60,19 @@ class MigrationConfigError(Exception):
     """An `alembic.ini` the migrations cannot use; the message names the file and the fix."""
 
 
+class UnknownRevisions(MigrationConfigError):
+    """The database is at revisions the migrations in use do not have: an application's,
+    run without its `alembic.ini`. Migrating cannot fix that; using the file does."""
+
+    def __init__(self, revisions: Sequence[str], config: ConfigPath | None) -> None:
+        known_to = config or "todo-store's own migrations"
+        super().__init__(
+            f"the database is at {', '.join(revisions)}, which is not in {known_to}: run in"
+            " your application's directory (its alembic.ini) or pass --config PATH"
+        )
+        self.revisions = list(revisions)
+
+
 @dataclass(frozen=True)
 class AppliedRevision:
     """One revision an upgrade applied: its id and the first line of its docstring."""
@@ -286,8 +299,22 @@ async def upgrade(
     """Apply migrations up to `revision` on the direct URL (or on the engine/connection given).
 
     Returns the revisions applied, oldest first: empty if the database was already there.
+    Raises `UnknownRevisions` (before changing anything) if the database is at a revision
+    these migrations do not have.
     """
-    alembic = await _run(settings, on, config, lambda cfg: command.upgrade(cfg, revision))
+
+    def refuse_unknown_then_upgrade(alembic: Config) -> None:
+        connection: Connection = alembic.attributes["connection"]
+        ours = not connection.in_transaction()
+        current = MigrationContext.configure(connection).get_current_heads()
+        if ours:  # reading began a transaction: end it, or the upgrade would run inside it
+            connection.rollback()
+        unknown = unknown_revisions(current, config)
+        if unknown:
+            raise UnknownRevisions(unknown, config)
+        command.upgrade(alembic, revision)
+
+    alembic = await _run(settings, on, config, refuse_unknown_then_upgrade)
     applied: list[AppliedRevision] = alembic.attributes.get("applied", [])
     return applied
 
