@@ -20,12 +20,14 @@ from alembic.script import ScriptDirectory
 from conftest import command_env
 
 from todo_store import migrations
+from todo_store.doctor import diagnose
 from todo_store.schema_checks import SCHEMA_CHECKS
 from todo_store.testing.plugin import settings_for
 
 TODO_STORE = Path(sys.executable).with_name("todo-store")
 PACKAGE_SCRIPTS = ScriptDirectory(str(migrations.package_script_location()))
 APP_REVISION = "1001"
+COMMANDS = ("migrate", "doctor", "demo")
 DOCTOR = [
     "connect",
     "server",
@@ -156,7 +158,7 @@ async def _priority_column(url: str) -> str | None:
     return found
 
 
-async def test_migrate_and_doctor_follow_the_applications_revisions(
+async def test_migrate_doctor_and_demo_follow_the_applications_revisions(
     empty_database: str, tmp_path: Path
 ) -> None:
     app = tmp_path / "app"
@@ -171,128 +173,113 @@ async def test_migrate_and_doctor_follow_the_applications_revisions(
     assert run.lines[-1] == f"at head {APP_REVISION}"
     assert await _priority_column(empty_database) == "smallint"
 
-    doctor = await todo_store(app, "doctor", database_url=empty_database)
+    # From anywhere else, --config names the application's file. Independent: run together.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    doctor, by_path, again, demo = await asyncio.gather(
+        todo_store(app, "doctor", database_url=empty_database),
+        todo_store(elsewhere, "doctor", "--config", str(ini), database_url=empty_database),
+        todo_store(app, "migrate", database_url=empty_database),
+        todo_store(app, "demo", database_url=empty_database),
+    )
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert [line.split(":")[0] for line in doctor.lines] == [f"✔ {name}" for name in DOCTOR]
     assert doctor.line("revision").startswith(f"✔ revision: {APP_REVISION} = head, via ")
     assert doctor.line("drift") == "✔ drift: models match the database (alembic check)"
 
-    again = await todo_store(app, "migrate", database_url=empty_database)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert again.lines[-1] == f"already at head {APP_REVISION}: nothing to apply"
-
-    # From anywhere else, --config names the application's file.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    by_path = await todo_store(
-        elsewhere, "doctor", "--config", str(ini), database_url=empty_database
-    )
     assert by_path.returncode == 0, by_path.stdout + by_path.stderr
     assert by_path.line("revision").startswith(f"✔ revision: {APP_REVISION} = head")
 
-    demo = await todo_store(app, "demo", database_url=empty_database)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.lines[-1] == f"already at head {APP_REVISION}: nothing to apply"
+
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert f"migrate: already at head {APP_REVISION}" in demo.lines
+
+
+WHERE_TO_RUN = (
+    f"the database is at {APP_REVISION}, which is not in todo-store's own migrations: run in"
+    " your application's directory (its alembic.ini) or pass --config PATH"
+)
 
 
 async def test_without_the_applications_file_the_commands_say_where_to_run(
     empty_database: str, tmp_path: Path
 ) -> None:
-    app = tmp_path / "app"
-    make_app(app)
-    assert (await todo_store(app, "migrate", database_url=empty_database)).returncode == 0
+    # No models named: nothing of the application is imported into this process.
+    ini = make_app(tmp_path / "app", with_models=False)
+    await migrations.upgrade(settings_for(empty_database), config=ini)
     bare = tmp_path / "bare"
     bare.mkdir()
 
-    run = await todo_store(bare, "migrate", database_url=empty_database)
-    assert run.returncode == 1
-    assert run.lines[-1] == (
-        f"✘ migrate: the database is at {APP_REVISION}, which is not in todo-store's own"
-        " migrations: run in your application's directory (its alembic.ini) or pass"
-        " --config PATH"
+    run, doctor, demo = await asyncio.gather(
+        *(todo_store(bare, command, database_url=empty_database) for command in COMMANDS)
     )
+    assert run.returncode == 1
+    assert run.lines[-1] == f"✘ migrate: {WHERE_TO_RUN}"
     assert run.stderr == ""  # no traceback
 
-    doctor = await todo_store(bare, "doctor", database_url=empty_database)
     assert doctor.returncode == 1
+    hint = WHERE_TO_RUN.replace(f"the database is at {APP_REVISION}, which", APP_REVISION)
     revision = doctor.line("revision")
     assert revision.startswith(f"✘ revision: {APP_REVISION}, head is ")
-    assert revision.endswith(
-        "— 1001 is not in todo-store's own migrations: run in your"
-        " application's directory (its alembic.ini) or pass --config PATH"
-    )
+    assert revision.endswith(f"— {hint}")
     drift = doctor.line("drift")
     assert drift.startswith("✘ drift: not compared: ")
-    assert drift.endswith(
-        "— 1001 is not in todo-store's own migrations: run in your"
-        " application's directory (its alembic.ini) or pass --config PATH"
-    )
+    assert drift.endswith(f"— {hint}")
     assert "alembic upgrade head" not in doctor.stdout
     assert "todo-store migrate" not in doctor.stdout  # migrating cannot fix this
     assert doctor.stderr == ""
 
-    demo = await todo_store(bare, "demo", database_url=empty_database)
     assert demo.returncode == 1
-    assert demo.lines[-1] == run.lines[-1].replace("✘ migrate:", "✘ demo:")
+    assert demo.lines[-1] == f"✘ demo: {WHERE_TO_RUN}"
     assert demo.stderr == ""
 
 
 async def test_upgrade_refuses_a_database_at_revisions_it_does_not_have(
     empty_database: str, tmp_path: Path
 ) -> None:
-    ini = make_app(tmp_path / "app", with_models=False)  # nothing imported into this process
+    ini = make_app(tmp_path / "app", with_models=False)
     settings = settings_for(empty_database)
     applied = await migrations.upgrade(settings, config=ini)
-    assert applied[-1] == migrations.AppliedRevision(
-        APP_REVISION, "Tasks get a priority (0: none)."
-    )
+    priority = migrations.AppliedRevision(APP_REVISION, "Tasks get a priority (0: none).")
+    assert applied[-1] == priority
 
     with pytest.raises(migrations.UnknownRevisions) as refused:
         await migrations.upgrade(settings)
+    assert str(refused.value) == WHERE_TO_RUN
     assert refused.value.revisions == [APP_REVISION]
     assert await migrations.current_heads(settings) == (APP_REVISION,)
     assert await migrations.upgrade(settings, config=ini) == []
 
 
-async def test_hints_name_the_config_given(empty_database: str, tmp_path: Path) -> None:
-    ini = make_app(tmp_path / "app")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    doctor = await todo_store(
-        elsewhere, "doctor", "--config", str(ini), database_url=empty_database
-    )
-    assert doctor.returncode == 1
-    revision = doctor.line("revision")
-    assert revision.startswith(f"✘ revision: none (empty database), head is {APP_REVISION}")
-    assert revision.endswith(f"— run `todo-store migrate --config {ini}`")
+async def test_doctor_in_process(empty_database: str, tmp_path: Path) -> None:
+    """Drift without the application's models, and hints naming the file given."""
+    ini = make_app(tmp_path / "app", with_models=False)
+    settings = settings_for(empty_database)
 
+    before = {check.name: check for check in await diagnose(settings, ini)}
+    assert before["revision"].detail.startswith(f"none (empty database), head is {APP_REVISION}")
+    assert before["revision"].hint == f"run `todo-store migrate --config {ini}`"
 
-async def test_drift_names_the_column_the_models_lack(empty_database: str, tmp_path: Path) -> None:
-    app = tmp_path / "app"
-    make_app(app, with_models=False)
-    assert (await todo_store(app, "migrate", database_url=empty_database)).returncode == 0
-
-    doctor = await todo_store(app, "doctor", database_url=empty_database)
-    assert doctor.returncode == 1
-    assert [line[2:].split(":")[0] for line in doctor.lines if line.startswith("✘")] == ["drift"]
-    drift = doctor.line("drift")
-    assert drift.startswith("✘ drift: models and database differ: remove_column tasks.priority")
-    assert "target_metadata = module:metadata" in drift
+    await migrations.upgrade(settings, config=ini)
+    after = await diagnose(settings, ini)
+    assert [check.name for check in after if not check.ok] == ["drift"]
+    [drift] = [check for check in after if check.name == "drift"]
+    assert drift.detail == "models and database differ: remove_column tasks.priority"
+    assert "target_metadata = module:metadata" in drift.hint
 
 
 @pytest.mark.parametrize(
-    ("problem", "message"),
+    ("problem", "command", "message"),
     [
-        (
-            "no package revisions",
-            "`todo_store:_alembic/versions` in version_locations",
-        ),
-        ("no script_location", "has no script_location: add `script_location ="),
-        ("missing file", "no-such.ini: no such file"),
+        ("no package revisions", "migrate", "`todo_store:_alembic/versions` in version_locations"),
+        ("no script_location", "doctor", "has no script_location: add `script_location ="),
+        ("missing file", "demo", "no-such.ini: no such file"),
     ],
 )
 async def test_an_unusable_alembic_ini_is_one_line(
-    tmp_path: Path, problem: str, message: str
+    tmp_path: Path, problem: str, command: str, message: str
 ) -> None:
     ini = make_app(tmp_path / "app")
     text = ini.read_text()
@@ -304,15 +291,10 @@ async def test_an_unusable_alembic_ini_is_one_line(
         ini.write_text(text.replace("script_location = todo_store:_alembic\n", ""))
     args = ["--config", str(ini.with_name("no-such.ini"))] if problem == "missing file" else []
 
-    runs = await asyncio.gather(
-        *(
-            todo_store(ini.parent, command, *args, database_url="postgresql://h/db")
-            for command in ("migrate", "doctor", "demo")
-        )
-    )
-    for run in runs:  # checked before any database is reached
-        assert run.returncode == 2, run.stdout + run.stderr
-        [line] = run.lines
-        assert line.startswith("✘ config: ")
-        assert message in line
-        assert run.stderr == ""
+    # Checked before any database is reached (this URL names none that exists).
+    run = await todo_store(ini.parent, command, *args, database_url="postgresql://h/db")
+    assert run.returncode == 2, run.stdout + run.stderr
+    [line] = run.lines
+    assert line.startswith("✘ config: ")
+    assert message in line
+    assert run.stderr == ""
