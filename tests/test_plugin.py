@@ -353,6 +353,11 @@ def test_application_revisions_in_the_project_root_are_applied(pytester: pytest.
     result = pytester.runpytest_subprocess(*STRICT)
     result.assert_outcomes(passed=1)
 
+    # The ini option opts out (e.g. for an alembic.ini that belongs to another database).
+    package_only = pytester.runpytest_subprocess(*STRICT, "-o", "todo_store_alembic_config=none")
+    package_only.assert_outcomes(failed=1)
+    package_only.stdout.fnmatch_lines(['*column "priority" does not exist*'])
+
 
 # -- a plain install: todo-store and pytest, without the testing extra --------------------------
 

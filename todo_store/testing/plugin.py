@@ -30,6 +30,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from todo_store.testing.postgres import ProvisionedServer
 
 REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
+ALEMBIC_CONFIG_OPTION = "todo_store_alembic_config"
+_PACKAGE_MIGRATIONS_ONLY = "none"
 _STORE_FIXTURES = "todo_store.testing.store_fixtures"
 _STORE_FIXTURES_UNAVAILABLE = "todo_store.testing.store_fixtures_unavailable"
 
@@ -90,6 +93,18 @@ def run_in_own_loop(make_coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return outcome[0]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        ALEMBIC_CONFIG_OPTION,
+        help=(
+            "the alembic.ini (relative to the root directory) whose revisions the test database "
+            "gets; default: alembic.ini in the root directory if there is one; 'none': only "
+            "todo-store's own migrations"
+        ),
+        default="",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Add the event-loop fixtures: real ones when pytest-asyncio runs, else ones that say so."""
     manager = config.pluginmanager
@@ -128,14 +143,15 @@ def todo_store_settings(
     """A database of its own for this run, migrated to head; dropped at the end.
 
     The migrations are the ones `todo-store migrate` would apply in the project's root
-    directory: the package's, plus the application's own when an `alembic.ini` is there.
+    directory: the package's, plus the application's own when an `alembic.ini` is there
+    (the ini option `todo_store_alembic_config` names another file, or `none`).
     Created and migrated on an event loop of its own, so the database outlives any test loop
     and works whichever loop scope the tests use.
     """
     from todo_store import migrations  # noqa: PLC0415
     from todo_store.testing.postgres import create_database, drop_database  # noqa: PLC0415
 
-    alembic_ini = migrations.find_config(cwd=request.config.rootpath)
+    alembic_ini = _alembic_config(request.config)
     admin_url = todo_store_server.admin_url
     name = f"todo_store_test_{secrets.token_hex(4)}"
     settings = settings_for(run_in_own_loop(lambda: create_database(admin_url, name)))
@@ -144,6 +160,17 @@ def todo_store_settings(
         yield settings
     finally:
         run_in_own_loop(lambda: drop_database(admin_url, name))
+
+
+def _alembic_config(config: pytest.Config) -> Path | None:
+    from todo_store import migrations  # noqa: PLC0415
+
+    chosen = str(config.getini(ALEMBIC_CONFIG_OPTION)).strip()
+    if chosen.lower() == _PACKAGE_MIGRATIONS_ONLY:
+        return None
+    if chosen:
+        return migrations.find_config(config.rootpath / chosen)
+    return migrations.find_config(cwd=config.rootpath)
 
 
 @pytest.fixture(scope="session")
