@@ -11,7 +11,6 @@ nowhere in messages, reprs, logs or tracebacks.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import socket
@@ -27,9 +26,9 @@ import pytest
 from conftest import command_env, tracking_pgbouncer_binary
 from sqlalchemy import text
 
-from todo_store import TodoStore, engine
+from todo_store import TodoStore
 from todo_store.connect_errors import PGBOUNCER_LOGIN_MESSAGES, explain_connect_failure
-from todo_store.errors import ConnectionRejected, DatabaseUnavailable, TodoStoreError
+from todo_store.errors import ConnectionRejected, DatabaseUnavailable
 from todo_store.testing.certificates import CertificatesUnavailable
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import REQUIRE_PGBOUNCER, start_pgbouncer
@@ -48,10 +47,6 @@ BOUNDED = {"connect_timeout": "10"}  # no case may hang on a pooler that queues 
 LOGIN_ADVICE = "check the user name and password in DATABASE_URL"
 DATABASE_ADVICE = "check the database name in DATABASE_URL"
 TLS_FIXES = ("sslrootcert=/path/to/ca.pem", "system trust store", "SSL_CERT_FILE")
-
-# The engine's connect hook explains failures itself once it calls `explain_connect_failure`;
-# until then these tests explain the errors of plain asyncpg connects with the same arguments.
-ENGINE_EXPLAINS = "explain_connect_failure" in inspect.getsource(engine)
 
 
 @dataclass(frozen=True)
@@ -123,25 +118,10 @@ def endpoint(request: pytest.FixtureRequest, server: SecureServer) -> Endpoint:
 
 async def connect_failure(url: str) -> BaseException:
     """What a connection attempt with `url` raises, as the package's engine reports it."""
-    if ENGINE_EXPLAINS:
-        async with TodoStore(url) as store:
-            with pytest.raises(Exception) as caught:  # noqa: PT011 - the type is what we check
-                await store.ping()
-        return caught.value
-    target = to_asyncpg(url)
-    dsn = target.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        connection = await asyncpg.connect(dsn, **target.connect_args)
-    except Exception as error:
-        explained = explain_connect_failure(error, tls=target.tls, password=target.url.password)
-        if explained is None:
-            raise
-        try:
-            raise explained from error
-        except TodoStoreError as raised:
-            return raised
-    await connection.close()
-    pytest.fail(f"connected to {target!r}; expected a refusal")
+    async with TodoStore(url) as store:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - the type is what we check
+            await store.ping()
+    return caught.value
 
 
 async def rejected(url: str) -> ConnectionRejected:
@@ -412,7 +392,6 @@ def test_password_in_an_os_message_is_redacted() -> None:
     assert "***" in str(explained)
 
 
-@pytest.mark.skipif(not ENGINE_EXPLAINS, reason="the engine does not explain connect failures yet")
 async def test_no_log_line_shows_the_password(
     endpoint: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -455,7 +434,6 @@ async def run_command(command: str, database_url: str) -> CommandRun:
     return CommandRun(process.returncode, stdout.decode(), stderr.decode())
 
 
-@pytest.mark.skipif(not ENGINE_EXPLAINS, reason="the engine does not explain connect failures yet")
 async def test_commands_print_reason_and_advice_on_one_line(
     server: SecureServer, secure_pgbouncer: PgBouncer
 ) -> None:

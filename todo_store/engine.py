@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from todo_store.connect_errors import explain_connect_failure
 from todo_store.errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
@@ -48,6 +49,7 @@ log = logging.getLogger("todo_store")
 T = TypeVar("T")
 
 _DISCONNECT_SQLSTATE_PREFIXES = ("08", "57P")
+_TLS_INTENT = "todo_store_tls_intent"
 _COMMITTING = "todo_store.committing"  # set in Connection.info while a COMMIT is in flight
 _RETRY_FIRST_DELAY_S = 0.02
 _RETRY_MAX_DELAY_S = 1.0
@@ -63,6 +65,8 @@ def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     """The asyncpg URL and connect arguments `create_engine` uses (also used by migrations)."""
     target = to_asyncpg(settings.database_url.get_secret_value())
     args: dict[str, Any] = {"timeout": settings.connect_timeout, **target.connect_args}
+    # Not for asyncpg: `_connect` takes it out again, to say why a certificate was verified.
+    args[_TLS_INTENT] = target.tls
     # Client-side timeout: asyncpg cancels the statement on the server when it expires. A
     # `statement_timeout` startup parameter would be refused by PgBouncer.
     args["command_timeout"] = settings.statement_timeout
@@ -128,16 +132,20 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 # -- connect --------------------------------------------------------------------------------
 
 
-def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-    """Open a connection; refused, unreachable or too slow becomes `DatabaseUnavailable`.
+def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """Open a connection; a failure becomes `ConnectionRejected` (no retry can fix it) or
+    `DatabaseUnavailable` (transient), with the server's reason and what to do.
 
-    SQLAlchemy passes OS-level connect errors through untranslated (they are not DBAPI
-    errors), so `handle_error` never sees them.
+    SQLAlchemy passes connect errors through untranslated, so `handle_error` never sees them.
     """
+    tls = cparams.pop(_TLS_INTENT, None)
     try:
         return dialect.loaded_dbapi.connect(*cargs, **cparams)
-    except (OSError, TimeoutError) as error:
-        raise DatabaseUnavailable(f"could not connect: {type(error).__name__}") from error
+    except Exception as error:
+        explained = explain_connect_failure(error, tls=tls, password=cparams.get("password"))
+        if explained is None:
+            raise
+        raise explained from error
 
 
 # -- checkout: dead connections are found without a round trip -----------------------------
