@@ -15,8 +15,8 @@ What a caller can do with each error:
 | `SchemaNotReady` | a table or column is missing: migrate | after migrating |
 | `TransactionConflict` | serialization failure or deadlock | the whole unit of work |
 | `DatabaseUnavailable` | lost, refused or timed-out connection, pooler queue full | reads |
-| `CommitOutcomeUnknown` | the connection failed during a commit: it may have happened | never blindly |
-| `ConnectionRejected` | login refused: password, role, database, TLS, startup parameter | no: fix config |
+| `CommitOutcomeUnknown` | failed while committing: the write may have happened | not blindly |
+| `ConnectionRejected` | login refused: password, role, database, TLS, parameter | fix config |
 | `DatabaseError` | anything else, with `.sqlstate` | no |
 """
 
