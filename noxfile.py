@@ -1,13 +1,17 @@
-"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `demo`, `bench`.
+"""Developer sessions: `nox -s tests`, `tests_lowest`, `lint`, `typecheck`, `demo`, `bench`.
 
 Needs only Python and `pip install nox`; each session builds its own virtualenv.
 """
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "tests_lowest", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 LINT_TARGETS = ["todo_store", "tests", "alembic", "benchmarks", "examples", "noxfile.py"]
@@ -18,6 +22,30 @@ def tests(session: nox.Session) -> None:
     """The test suite against a real PostgreSQL (and PgBouncer where it can run)."""
     session.install("-e", ".[dev]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def tests_lowest(session: nox.Session) -> None:
+    """The suite on the lowest versions pyproject.toml admits (each `>=` bound, pinned)."""
+    constraints = Path(session.create_tmp()) / "lowest.txt"
+    constraints.write_text("\n".join(_lowest_pins()) + "\n", encoding="utf-8")
+    session.install("-e", ".[dev]", "-c", str(constraints))
+    session.run("pip", "list", "--format=freeze", silent=False)
+    session.run("pytest", *session.posargs)
+
+
+def _lowest_pins() -> list[str]:
+    """`name==lower bound` for the runtime requirements of pyproject.toml and the pytest ones
+    the plugin runs on (the database provisioning extras are tools, not API)."""
+    project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
+    testing = project["optional-dependencies"]["testing"]
+    requirements = project["dependencies"] + [r for r in testing if r.startswith("pytest")]
+    pins = []
+    for requirement in requirements:
+        match = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?[^>]*>=([^,;\s]+)", requirement)
+        if match:
+            pins.append(f"{match[1]}=={match[3]}")
+    return pins
 
 
 @nox.session
@@ -37,7 +65,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: migrate, then run the seed's Step 7 checks and a repository tour.
+    """The main job: migrate, then run the schema checks and a repository tour.
 
     Uses DATABASE_URL when set, else an embedded PostgreSQL it starts and removes.
     """

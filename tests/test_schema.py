@@ -132,7 +132,11 @@ async def test_deleting_a_user_cascades_to_its_tasks(session: AsyncSession) -> N
 
     await session.execute(text("DELETE FROM users WHERE id = 'test_user_1'"))
 
-    counts = await _rows(session, "SELECT user_id, count(*) FROM tasks GROUP BY user_id")
+    counts = await _rows(
+        session,
+        "SELECT user_id, count(*) FROM tasks"
+        " WHERE user_id IN ('test_user_1', 'test_user_3') GROUP BY user_id",
+    )
     assert counts == [("test_user_3", 1)]
 
 

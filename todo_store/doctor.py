@@ -66,6 +66,8 @@ __all__ = [
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MIN_SERVER_VERSION = 110000  # EXECUTE FUNCTION in the trigger needs PostgreSQL 11
 _RTT_SAMPLES = 5
+_REDACTED_PASSWORD_MIN = 4
+_CONNECT_HINT = "check the host, port and credentials, and that the server runs"
 _AFTER_CONNECT = [
     "server",
     "pooler",
@@ -118,9 +120,13 @@ def _password(secret: SecretStr | None) -> str | None:
 
 
 def _redact(message: str, settings: Settings) -> str:
-    """Defence in depth for driver messages: no configured password survives."""
+    """Defence in depth for driver messages: no configured password survives.
+
+    A password of a few characters would turn ordinary words into "***" and protects nothing
+    by being redacted: those are left alone.
+    """
     for password in (_password(settings.database_url), _password(settings.database_url_direct)):
-        if password:
+        if password and len(password) >= _REDACTED_PASSWORD_MIN:
             message = message.replace(password, "***")
     return message
 
@@ -370,11 +376,11 @@ async def diagnose(settings: Settings, config: Path | None = None) -> list[Check
             conn = await engine.connect()
         except Exception as error:  # refused, timed out, authentication, TLS: report them all
             reason = describe_error(error, settings)
-            hint = "check the host, port and credentials, and that the server runs"
+            # The package's connect errors carry their own advice; add one only otherwise.
+            hint = "" if isinstance(error, TodoStoreError) else _CONNECT_HINT
             return _without_connection(CheckResult("connect", False, f"{shown}: {reason}", hint))
         elapsed_ms = (time.perf_counter() - started) * 1000
-        # The engine sends BEGIN at checkout (dead-connection detection), so it is included.
-        results = [CheckResult("connect", True, f"{shown} in {elapsed_ms:.0f} ms (incl. BEGIN)")]
+        results = [CheckResult("connect", True, f"{shown} in {elapsed_ms:.0f} ms")]
         try:
             results += await _connection_checks(conn, settings)
         finally:
