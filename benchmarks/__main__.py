@@ -25,8 +25,8 @@ from benchmarks.comparison import RAW, TODO_STORE, TODO_STORE_NON_ATOMIC, TUTORI
 from benchmarks.comparison import Plan as ComparisonPlan
 from benchmarks.leak import measure_leaks, statement_cache_on_old_pgbouncer
 from benchmarks.peers import HOT_CALLS
-from benchmarks.report import STATEMENT_CACHE_ON_POOLER_SINCE, Results, render
-from benchmarks.round_trips import CONFIGS, DIRECT, PGBOUNCER, PathResult, measure_path
+from benchmarks.report import Results, render
+from benchmarks.round_trips import DIRECT, PathResult, measure_all_paths
 from benchmarks.scaling import measure_scaling
 from benchmarks.workload import check_raw_sql
 from todo_store import TodoStore
@@ -75,6 +75,7 @@ async def run(args: argparse.Namespace, command: str) -> Results:
     rtt = args.rtt_ms / 1000
     everything = args.only is None
     paths: list[PathResult] = []
+    skipped: list[str] = []
     cache_check = None
     leaks = []
     scaling = []
@@ -83,20 +84,14 @@ async def run(args: argparse.Namespace, command: str) -> Results:
             with db.bouncer() as bouncer:
                 versions = await environment.versions(db, bouncer)
                 mismatches = await _raw_sql_mismatches(db)
-                if everything:
-                    paths = await _round_trips(db, bouncer.url, rtt, plan)
-            if everything and versions.pgbouncer_number >= STATEMENT_CACHE_ON_POOLER_SINCE:
-                with db.bouncer(max_prepared_statements=100) as tracking:
-                    label = f"{PGBOUNCER} (max_prepared_statements=100)"
-                    measured = await _measure(
-                        label, tracking.url, db, keys=["b", "b-"], rtt=rtt, plan=plan
-                    )
-                    paths.append(measured)
-            elif everything:
+            if everything:
+                measured = await measure_all_paths(db, rtt=rtt, iterations=plan.iterations)
+                paths, skipped = measured.paths, measured.skipped
+                # On a PgBouncer that does not track statements, caching is not measured: it
+                # fails. This shows how often.
                 cache_check = await statement_cache_on_old_pgbouncer(
                     db, transactions=plan.leak_transactions // 3, concurrency=LEAK_CONCURRENCY
                 )
-            if everything:
                 leaks = await measure_leaks(
                     db, transactions=plan.leak_transactions, concurrency=LEAK_CONCURRENCY
                 )
@@ -117,6 +112,7 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         versions=versions,
         raw_sql_mismatches=mismatches,
         paths=paths,
+        skipped_paths=skipped,
         cache_check=cache_check,
         leaks=leaks,
         leak_concurrency=LEAK_CONCURRENCY,
@@ -145,27 +141,6 @@ def chart_round_trips(paths: list[PathResult]) -> dict[str, dict[str, int]]:
                 continue
             out.setdefault(label, {})[call] = min(cell.counted)
     return {label: out[label] for label in CHART_CONFIGS.values() if label in out}
-
-
-async def _round_trips(
-    db: environment.Database, pooled_url: str, rtt: float, plan: Plan
-) -> list[PathResult]:
-    return [
-        await _measure(
-            PGBOUNCER, pooled_url, db, keys=["a", "a-", "c", "d", "d+", "e"], rtt=rtt, plan=plan
-        ),
-        await _measure(
-            DIRECT, db.url, db, keys=["a", "a-", "b", "b-", "c", "d", "d+", "e"], rtt=rtt, plan=plan
-        ),
-    ]
-
-
-async def _measure(
-    path: str, url: str, db: environment.Database, *, keys: list[str], rtt: float, plan: Plan
-) -> PathResult:
-    by_key = {config.key: config for config in CONFIGS}
-    configs = [by_key[key] for key in keys if key in by_key]
-    return await measure_path(path, url, db, configs, rtt=rtt, iterations=plan.iterations)
 
 
 async def _raw_sql_mismatches(db: environment.Database) -> list[str]:

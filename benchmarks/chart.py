@@ -14,6 +14,7 @@ from benchmarks.peers import HOT_CALLS
 COLOURS = {
     "todo_store": "#1f6feb",
     "todo_store atomic=False": "#74a7f7",
+    "todo_store on AsyncConnection, atomic=False": "#b6d3fb",
     "tutorial ORM": "#d29922",
     "advanced-alchemy": "#a371f7",
     "SQLAlchemy Core": "#3fb950",

@@ -32,6 +32,7 @@ from benchmarks.peers import (
     Operation,
     RawAsyncpg,
     TodoStoreImpl,
+    TodoStoreOnConnection,
     TutorialOrm,
     supports_non_atomic,
 )
@@ -40,6 +41,7 @@ from todo_store.testing.plugin import settings_for
 
 TODO_STORE = "todo_store"
 TODO_STORE_NON_ATOMIC = "todo_store atomic=False"
+TODO_STORE_CONNECTION = "todo_store on AsyncConnection, atomic=False"
 TUTORIAL = "tutorial ORM"
 ADVANCED_ALCHEMY = "advanced-alchemy"
 CORE = "SQLAlchemy Core"
@@ -136,6 +138,7 @@ async def compare(db: Database, plan: Plan) -> Comparison:
     missing: dict[str, str] = {}
     if supports_non_atomic(store):
         implementations.append(TodoStoreImpl(store, atomic=False))
+        implementations.append(TodoStoreOnConnection(store))
     else:
         missing[TODO_STORE_NON_ATOMIC] = "this todo_store has no session(atomic=False)"
     implementations += [TutorialOrm(store.engine)]

@@ -91,6 +91,22 @@ class TodoStoreImpl(Implementation):
             return await TaskRepo(s).count_for(user_id)
 
 
+class TodoStoreOnConnection(TodoStoreImpl):
+    """The repositories on an `AsyncConnection` in autocommit mode: no ORM session at all.
+
+    What a connection-based unit of work would cost (the engine has no public one yet): an
+    autocommit connection from the store's engine, `TaskRepo(connection).<call>(...)`.
+    """
+
+    def __init__(self, store: TodoStore) -> None:
+        super().__init__(store, atomic=False)
+        self.label = "todo_store on AsyncConnection, atomic=False"
+        self.engine = store.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _session(self) -> Any:
+        return self.engine.connect()
+
+
 class TutorialOrm(Implementation):
     """The ORM as tutorials write it, on the same engine."""
 

@@ -10,6 +10,7 @@ from benchmarks.comparison import (
     RAW,
     RAW_NON_ATOMIC,
     TODO_STORE,
+    TODO_STORE_CONNECTION,
     TODO_STORE_NON_ATOMIC,
     TUTORIAL,
     Comparison,
@@ -18,11 +19,9 @@ from benchmarks.comparison import (
 from benchmarks.environment import Versions
 from benchmarks.leak import CacheCheck, LeakResult
 from benchmarks.peers import HOT_CALLS
-from benchmarks.round_trips import DIRECT, PathResult
+from benchmarks.round_trips import DIRECT, PathResult, chart_data, render_chart_rows
 from benchmarks.scaling import CALLED, USERS, ScalingRow
 from benchmarks.workload import CALLS, TutorialClient
-
-STATEMENT_CACHE_ON_POOLER_SINCE = (1, 21)
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,7 @@ class Results:
     versions: Versions
     raw_sql_mismatches: list[str]
     paths: list[PathResult]
+    skipped_paths: list[str]  # round-trip paths not measured, with the reason
     cache_check: CacheCheck | None
     leaks: list[LeakResult]
     leak_concurrency: int
@@ -86,14 +86,17 @@ def _round_trips(results: Results) -> str:
         "## 1. Round trips per unit of work",
         "",
         "One unit of work = `async with store.session() as s: await TaskRepo(s).<method>(...)` "
-        "(a transaction holding one call), on a connection opened and warmed up beforehand. "
+        "(a transaction holding one call; with `session(atomic=False)` no transaction), on a "
+        "connection opened and warmed up beforehand. "
         f"A TCP proxy (`todo_store.testing.proxy.RoundTripProxy`) adds {rtt_ms:.0f} ms to every "
         "server-to-client burst. Each cell: **round trips counted by the proxy** (client turns; "
         "deterministic) / median latency ÷ injected RTT (the same measured by time; median of "
         f"{results.iterations}, after one warm-up unit of work).",
         "",
         "Configurations: (a) `TodoStore` defaults: caching off, unnamed prepared statements, "
-        "BEGIN sent at pool checkout; (b) `TodoStore` with `statement_cache=True`; (c) raw "
+        "in `store.session()` and in `store.session(atomic=False)`; (b) the same with "
+        "`statement_cache=True`, only where it is safe (direct, or a PgBouncer that tracks "
+        "prepared statements); (c) raw "
         "asyncpg, `statement_cache_size=0`, the same SQL inside `conn.transaction()`: the floor; "
         "(d) SQLAlchemy's documented PgBouncer recipe (`statement_cache_size=0`, "
         "`prepared_statement_cache_size=0`, `prepared_statement_name_func` returning "
@@ -125,40 +128,49 @@ def _round_trips(results: Results) -> str:
             rows.append(row)
         heading = "Direct to PostgreSQL" if path.path == DIRECT else f"Through {path.path}"
         out += [f"### {heading}", "", table(header, rows), ""]
-    out += [_statement_cache_note(results), "", _tutorial(results)]
+    for reason in results.skipped_paths:
+        out += [f"Not measured: {reason}.", ""]
+    data = chart_data(results.paths, rtt=results.rtt)
+    out += [
+        "### Round trips per call, by path and configuration (the chart's right panel)",
+        "",
+        render_chart_rows(data),
+        "",
+        _statement_cache_note(results),
+        "",
+        _tutorial(results),
+    ]
     return "\n".join(out)
 
 
 def _statement_cache_note(results: Results) -> str:
-    measured = any(
-        path.path.startswith("PgBouncer") and any(c.key == "b" for c in path.configs)
+    tracking = [
+        path.path
         for path in results.paths
+        if path.path.startswith("PgBouncer") and any(c.key == "b" for c in path.configs)
+    ]
+    measured = (
+        f"(b) through PgBouncer ran on {', '.join(tracking)}, which tracks protocol-level "
+        "prepared statements (as Neon's pooler does). "
+        if tracking
+        else ""
     )
-    if measured:
-        return (
-            "(b) through PgBouncer ran on a PgBouncer with `max_prepared_statements=100`, "
-            "which tracks protocol-level prepared statements."
-        )
     version = results.versions.pgbouncer
     check = results.cache_check
     checked = ""
     if check is not None:
         errors = "; ".join(f"`{e}`" for e in check.errors) or "none"
         checked = (
-            f" Checked here: with `statement_cache=True` through this PgBouncer and "
+            f" Checked here: with `statement_cache=True` through {version} and "
             f"{results.leak_concurrency} concurrent client connections, **{check.failed} of "
             f"{check.units} units of work failed** ({errors}; SQLSTATE 26000 is "
             "`invalid_sql_statement_name`: prepared statement does not exist)."
         )
     return (
-        f"(b) through PgBouncer: **not safe on {version}, not measured.** PgBouncer tracks "
+        measured + f"(b) through {version}: **not safe, not measured.** PgBouncer tracks "
         "protocol-level prepared statements only from 1.21 (`max_prepared_statements > 0`); "
         "before that a cached statement is looked up on whichever server connection the next "
-        "transaction lands on and fails with `prepared statement ... does not exist`. On "
-        ">= 1.21 the expected count is the direct one: 3 round trips per single-call unit of "
-        "work once the statement is cached on the client connection (BEGIN, Bind/Execute, "
-        "COMMIT); PgBouncer prepares it on a server connection that lacks it as part of "
-        "the same exchange, which costs server work but no client round trip." + checked
+        "transaction lands on and fails with `prepared statement ... does not exist`." + checked
     )
 
 
@@ -249,6 +261,8 @@ def _comparison(results: Results) -> str:
         "Implementations (`benchmarks/peers.py`): **todo_store** `async with store.session() as "
         "s: await TaskRepo(s).<call>(...)`; **todo_store atomic=False** the same with "
         "`store.session(atomic=False)` (each statement commits by itself: no BEGIN/COMMIT); "
+        "**todo_store on AsyncConnection** the repositories on an autocommit `AsyncConnection` "
+        "of the same engine (no ORM session; the engine has no public context for it yet); "
         "**tutorial ORM** `AsyncSession(engine)`, `session.get` / `select(Task)`, writes as get + "
         "attribute set + `commit()` + `refresh()`; **advanced-alchemy** `SQLAlchemyAsyncRepository`"
         " `get_one` / `list` / `add` / `update` / `count` with `auto_commit=True`; **SQLAlchemy "
@@ -304,7 +318,12 @@ def _goal(c: Comparison) -> str:
         "÷ raw asyncpg (stretch ≥ 0.5)",
     ]
     out = ["### The goal: todo_store ÷ peer (median of per-round ratios)", ""]
-    for mine, raw in ((TODO_STORE, RAW), (TODO_STORE_NON_ATOMIC, RAW_NON_ATOMIC)):
+    pairs = (
+        (TODO_STORE, RAW),
+        (TODO_STORE_NON_ATOMIC, RAW_NON_ATOMIC),
+        (TODO_STORE_CONNECTION, RAW_NON_ATOMIC),
+    )
+    for mine, raw in pairs:
         if mine not in c.labels:
             continue
         rows = []
