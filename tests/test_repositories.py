@@ -237,6 +237,14 @@ async def test_returned_records_refuse_assignment_naming_the_way_to_change_them(
     assert (await world.tasks.get(world.me, world.mine.id)).title == "mine"
 
 
+async def test_record_reprs_show_ids_not_user_data(world: World) -> None:
+    task = await world.tasks.get(world.me, world.mine.id)
+    user = await world.users.get(world.me)
+
+    assert repr(task) == f"TaskRecord(id={task.id!r}, user_id={world.me!r}, completed=False)"
+    assert repr(user) == f"UserRecord(id={world.me!r})"
+
+
 @pytest.mark.parametrize(
     "call",
     [
