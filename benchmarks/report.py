@@ -271,6 +271,12 @@ def _comparison(results: Results) -> str:
         "without one, the floor for atomic=False). All SQLAlchemy ones share todo_store's engine.",
         "",
     ]
+    if results.raw_sql_mismatches:
+        out += [
+            "**raw asyncpg does not run the repositories' SQL** for "
+            f"{results.raw_sql_mismatches}: update `benchmarks.workload.RAW`.",
+            "",
+        ]
     for label, why in c.missing.items():
         out += [f"Not measured: **{label}**: {why}.", ""]
     errors = {(label, call): cell.errors for (label, call), cell in c.cells.items() if cell.errors}
