@@ -334,9 +334,18 @@ class TodoStore:
         """
         if read_only and not atomic:
             raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
-        maker = self._read_only if read_only else self.sessionmaker if atomic else self._non_atomic
-        async with maker.begin() as session:
+        if not atomic:
+            # No transaction to begin or commit: only ORM changes of the caller's own, if any,
+            # are flushed (each statement commits by itself). Closing returns the connection.
+            async with self._non_atomic() as session:
+                yield session
+                if session.new or session.dirty or session.deleted:
+                    await session.flush()
+            return
+        # Closing without a commit rolls back, so the block that raises leaves nothing.
+        async with (self._read_only if read_only else self.sessionmaker)() as session:
             yield session
+            await session.commit()
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3) -> T:
         """Run `work(session)` in one atomic unit of work and return its result.
