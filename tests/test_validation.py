@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from todo_store import TaskRepo, UserRepo
+from todo_store.schemas import TaskCreate
 
 
 @dataclass
@@ -258,3 +259,12 @@ EDGE_INPUTS = [
 @pytest.mark.parametrize("call", EDGE_INPUTS)
 async def test_boundary_values_are_accepted(ctx: Ctx, call: Call) -> None:
     await call(ctx)  # no ValidationError, and the database takes the value too
+
+
+def test_validation_errors_never_show_the_value() -> None:
+    secret = "my-private-title-" * 20
+    with pytest.raises(ValidationError) as raised:
+        TaskCreate(title=secret)
+    assert "title" in str(raised.value)
+    assert "my-private-title" not in str(raised.value)
+    assert "my-private-title" not in repr(raised.value)

@@ -67,7 +67,9 @@ ListLimit = Annotated[int, Field(strict=True, ge=1, le=LIST_LIMIT_MAX)]
 
 class _Input(BaseModel):
     # strict: "5" is not a task id and 1 is not a title; unknown fields are mistakes.
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # The error names the field and the rule, never the value: titles and emails are user
+    # data, and errors end up in logs.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class UserRef(_Input):
