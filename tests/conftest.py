@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +100,50 @@ def command_env(database_url: str | None) -> dict[str, str]:
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     return env
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    """What a command printed, and how it exited."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.strip()]
+
+    def line(self, name: str) -> str:
+        """The doctor line for check `name` (one of ✔/✘, then the name and a colon)."""
+        [found] = [line for line in self.lines if line.lstrip()[2:].startswith(f"{name}:")]
+        return found.strip()
+
+    def by_name(self) -> dict[str, dict[str, object]]:
+        return {check["name"]: check for check in json.loads(self.stdout)}
+
+
+async def run_command(
+    *argv: str, cwd: Path | None = None, database_url: str | None, **extra_env: str
+) -> CommandRun:
+    """Run `argv` with DATABASE_URL (or none) and no other setting; bounded at 120 s."""
+    env = command_env(database_url)
+    env.update(extra_env, PYTHONIOENCODING="utf-8")
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return CommandRun(process.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
-from conftest import command_env
+from conftest import CommandRun, run_command
 
 from todo_store import migrations
 from todo_store.doctor import diagnose
@@ -96,41 +95,9 @@ def downgrade() -> None:
 '''
 
 
-@dataclass(frozen=True)
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [line for line in self.stdout.splitlines() if line.strip()]
-
-    def line(self, name: str) -> str:
-        [found] = [line for line in self.lines if line[2:].startswith(f"{name}:")]
-        return found
-
-
-async def todo_store(cwd: Path, *args: str, database_url: str | None) -> Run:
+async def todo_store(cwd: Path, *args: str, database_url: str | None) -> CommandRun:
     """The installed `todo-store` command, in `cwd`, with DATABASE_URL and nothing else set."""
-    env = command_env(database_url)
-    env["PYTHONIOENCODING"] = "utf-8"
-    process = await asyncio.create_subprocess_exec(
-        TODO_STORE,
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Run(process.returncode, stdout.decode(), stderr.decode())
+    return await run_command(TODO_STORE, *args, cwd=cwd, database_url=database_url)
 
 
 def make_app(directory: Path, *, with_models: bool = True) -> Path:

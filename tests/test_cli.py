@@ -7,17 +7,15 @@ working directory is a temporary one).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import command_env
+from conftest import CommandRun, run_command
 from sqlalchemy.engine import URL, make_url
 
 import todo_store
@@ -46,47 +44,17 @@ DOCTOR = [
 UPGRADE_HINT = "run `todo-store migrate`"
 
 
-@dataclass(frozen=True)
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [line for line in self.stdout.splitlines() if line.strip()]
-
-    def line(self, name: str) -> str:
-        """The doctor line for check `name` (one of ✔/✘, then the name and a colon)."""
-        [found] = [line for line in self.lines if line.lstrip()[2:].startswith(f"{name}:")]
-        return found.strip()
-
-    def by_name(self) -> dict[str, dict[str, object]]:
-        return {check["name"]: check for check in json.loads(self.stdout)}
-
-
-async def run_cli(cwd: Path, *args: str, database_url: str | None, **extra_env: str) -> Run:
-    """`python -m todo_store.cli *args` with DATABASE_URL (or none) and nothing else configured."""
-    env = command_env(database_url)
-    env.update(extra_env, PYTHONIOENCODING="utf-8")
-    process = await asyncio.create_subprocess_exec(
+async def run_cli(cwd: Path, *args: str, database_url: str | None, **extra_env: str) -> CommandRun:
+    """`todo-store ARGS` from this checkout, in `cwd`."""
+    return await run_command(
         sys.executable,
         "-m",
         "todo_store.cli",
         *args,
         cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        database_url=database_url,
+        **extra_env,
     )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Run(process.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest_asyncio.fixture(loop_scope="session")

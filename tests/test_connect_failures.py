@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import command_env, tracking_pgbouncer_binary
+from conftest import CommandRun, run_command, tracking_pgbouncer_binary
 from sqlalchemy import text
 
 from todo_store import TodoStore
@@ -410,28 +410,10 @@ async def test_no_log_line_shows_the_password(
 # --- the commands ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CommandRun:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def run_command(command: str, database_url: str) -> CommandRun:
-    env = command_env(database_url)
-    env["PYTHONIOENCODING"] = "utf-8"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "todo_store.cli",
-        command,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+async def run_cli(command: str, database_url: str) -> CommandRun:
+    return await run_command(
+        sys.executable, "-m", "todo_store.cli", command, database_url=database_url
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return CommandRun(process.returncode, stdout.decode(), stderr.decode())
 
 
 async def test_commands_print_reason_and_advice_on_one_line(
@@ -457,7 +439,7 @@ async def test_commands_print_reason_and_advice_on_one_line(
             "the pooler refuses the startup parameter options",
         ),
     }
-    runs = await asyncio.gather(*(run_command(cmd, url) for cmd, (url, _, _) in cases.items()))
+    runs = await asyncio.gather(*(run_cli(cmd, url) for cmd, (url, _, _) in cases.items()))
 
     for run, (command, (_, reason, advice)) in zip(runs, cases.items(), strict=True):
         output = run.stdout + run.stderr
