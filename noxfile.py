@@ -27,9 +27,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def tests_lowest(session: nox.Session) -> None:
     """The suite on the lowest versions pyproject.toml admits (each `>=` bound, pinned)."""
-    constraints = Path(session.create_tmp()) / "lowest.txt"
-    constraints.write_text("\n".join(_lowest_pins()) + "\n", encoding="utf-8")
-    session.install("-e", ".[dev]", "-c", str(constraints))
+    # The pins go on the command line: session.create_tmp() would point TMPDIR inside this
+    # repository, where the plugin tests' generated projects would find its pyproject.toml.
+    session.install("-e", ".[dev]", *_lowest_pins())
     session.run("pip", "list", "--format=freeze", silent=False)
     session.run("pytest", *session.posargs)
 
