@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from todo_store import EmailTaken, Settings, TaskRepo, TodoStore, UserNotFound, UserRepo, migrations
 from todo_store.errors import TodoStoreError
 from todo_store.testing.isolated_store import IsolatedTodoStore
+from todo_store.testing.postgres import ProvisionedServer
 
 pytest_plugins = ["pytester"]
 
@@ -411,7 +412,14 @@ def _plain_virtualenv(root: Path) -> Path:
     return root / "bin" / "python"
 
 
-def test_plain_install_leaves_pytest_untouched(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_plain_install_leaves_pytest_untouched(
+    pytester: pytest.Pytester,
+    tmp_path: Path,
+    todo_store_server: ProvisionedServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The plain install has no embedded server of its own: it gets this run's, by URL.
+    monkeypatch.setenv("TODO_STORE_TEST_DATABASE_URL", todo_store_server.admin_url)
     python = _plain_virtualenv(tmp_path / "venv")
     probe = "import importlib.util as u; print(u.find_spec('pytest_asyncio') is None)"
     found = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)

