@@ -19,7 +19,7 @@ from benchmarks.comparison import (
 from benchmarks.environment import Versions
 from benchmarks.leak import CacheCheck, LeakResult
 from benchmarks.peers import HOT_CALLS
-from benchmarks.round_trips import DIRECT, PathResult, chart_data, render_chart_rows
+from benchmarks.round_trips import DIRECT, PathResult, cell_text, chart_data, render_chart_rows
 from benchmarks.scaling import CALLED, USERS, ScalingRow
 from benchmarks.workload import CALLS, TutorialClient
 
@@ -118,13 +118,7 @@ def _round_trips(results: Results) -> str:
         for name in CALLS:
             row = [f"`{name}`"]
             for config in configs:
-                cell = path.cells.get((config.key, name))
-                if cell is None:
-                    row.append("n/a")
-                elif cell.error is not None:
-                    row.append(f"error: {cell.error}")
-                else:
-                    row.append(f"{cell.counted_text()} / {cell.ratio(results.rtt):.2f}")
+                row.append(cell_text(path.cells.get((config.key, name)), results.rtt))
             rows.append(row)
         heading = "Direct to PostgreSQL" if path.path == DIRECT else f"Through {path.path}"
         out += [f"### {heading}", "", table(header, rows), ""]

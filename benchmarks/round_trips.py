@@ -153,6 +153,15 @@ class Cell:
         return statistics.median(self.seconds) / rtt
 
 
+def cell_text(cell: Cell | None, rtt: float) -> str:
+    """A table cell: round trips counted / median latency in RTTs (or why there is none)."""
+    if cell is None:
+        return "n/a"
+    if cell.error is not None:
+        return f"error: {cell.error}"
+    return f"{cell.counted_text()} / {cell.ratio(rtt):.2f}"
+
+
 @dataclass
 class PathResult:
     path: str
@@ -350,13 +359,7 @@ def render_tables(paths: list[PathResult], *, rtt: float) -> str:
             for config in path.configs:
                 if config.key == "e":
                     continue
-                cell = path.cells.get((config.key, name))
-                if cell is None:
-                    row.append("n/a")
-                elif cell.error is not None:
-                    row.append(f"error: {cell.error}")
-                else:
-                    row.append(f"{cell.counted_text()} / {cell.ratio(rtt):.2f}")
+                row.append(cell_text(path.cells.get((config.key, name)), rtt))
             lines.append("| " + " | ".join(row) + " |")
         out += [f"### {path.path}", "", *lines, ""]
     return "\n".join(out)
