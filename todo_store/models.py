@@ -1,4 +1,4 @@
-"""ORM models: the seed's Phase II schema (`users`, `tasks`)."""
+"""ORM models: the todo application's schema (`users`, `tasks`)."""
 
 from __future__ import annotations
 
