@@ -492,6 +492,34 @@ async def _assert_every_dead_connection_replaced(
     assert healthy.connections == 0, healthy
 
 
+async def _kill_full_pool_and_recover(
+    proxy: RoundTripProxy,
+    store: TodoStore,
+    user_id: str,
+    *,
+    pool_size: int,
+    atomic: bool,
+    kill: Callable[[], Awaitable[None]],
+) -> None:
+    """Fill the pool, `kill` every connection in it, and check that each is replaced at
+    checkout for exactly one reconnect (the user is created before and deleted after)."""
+    async with store.session() as session:
+        await UserRepo(session).upsert(user_id, email=f"{user_id}@x.io", name="L")
+    try:
+        reconnect = await _reconnect_cost(proxy, store, user_id)
+        await _fill_pool(store, user_id, pool_size)
+        await _wait_until(lambda: proxy.open_connections == pool_size)
+        await kill()
+        # The proxy closes a client's socket once the server has closed its own.
+        await _wait_until(lambda: proxy.open_connections == 0)
+        await _assert_every_dead_connection_replaced(
+            proxy, store, user_id, pool_size=pool_size, reconnect=reconnect, atomic=atomic
+        )
+    finally:
+        async with store.session() as session:
+            await UserRepo(session).delete(user_id)
+
+
 @pytest.mark.parametrize("atomic", ATOMIC)
 async def test_pool_of_dead_connections_recovers_on_the_next_unit_of_work(
     todo_store_settings: Settings,
@@ -506,26 +534,13 @@ async def test_pool_of_dead_connections_recovers_on_the_next_unit_of_work(
     async with RoundTripProxy.in_front_of(target) as proxy:
         settings = _single_connection(proxy.url_for(target), pool_size=pool_size)
         async with TodoStore(settings) as store:
-            async with store.session() as session:
-                await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="L")
-            try:
-                reconnect = await _reconnect_cost(proxy, store, new_user_id)
-                await _fill_pool(store, new_user_id, pool_size)
-                await _wait_until(lambda: proxy.open_connections == pool_size)
+
+            async def terminate() -> None:
                 assert await _terminate_backends(todo_store_server, database) >= pool_size
-                # The proxy closes a client's socket once the server has closed its own.
-                await _wait_until(lambda: proxy.open_connections == 0)
-                await _assert_every_dead_connection_replaced(
-                    proxy,
-                    store,
-                    new_user_id,
-                    pool_size=pool_size,
-                    reconnect=reconnect,
-                    atomic=atomic,
-                )
-            finally:
-                async with store.session() as session:
-                    await UserRepo(session).delete(new_user_id)
+
+            await _kill_full_pool_and_recover(
+                proxy, store, new_user_id, pool_size=pool_size, atomic=atomic, kill=terminate
+            )
 
 
 @pytest.mark.pgbouncer
@@ -548,27 +563,13 @@ async def test_pgbouncer_restart_costs_one_reconnect_per_pooled_connection(
         async with RoundTripProxy.in_front_of(bouncer.url) as proxy:
             settings = _single_connection(proxy.url_for(bouncer.url), pool_size=pool_size)
             async with TodoStore(settings) as store:
-                async with store.session() as session:
-                    await UserRepo(session).upsert(
-                        new_user_id, email=f"{new_user_id}@x.io", name="R"
-                    )
-                try:
-                    reconnect = await _reconnect_cost(proxy, store, new_user_id)
-                    await _fill_pool(store, new_user_id, pool_size)
-                    await _wait_until(lambda: proxy.open_connections == pool_size)
+
+                async def restart() -> None:
                     bouncer.restart()
-                    await _wait_until(lambda: proxy.open_connections == 0)
-                    await _assert_every_dead_connection_replaced(
-                        proxy,
-                        store,
-                        new_user_id,
-                        pool_size=pool_size,
-                        reconnect=reconnect,
-                        atomic=atomic,
-                    )
-                finally:
-                    async with store.session() as session:
-                        await UserRepo(session).delete(new_user_id)
+
+                await _kill_full_pool_and_recover(
+                    proxy, store, new_user_id, pool_size=pool_size, atomic=atomic, kill=restart
+                )
     finally:
         bouncer.stop()
 
