@@ -428,7 +428,7 @@ async def test_a_database_at_the_earlier_0001_moves_to_the_own_function(
         if other_app:
             await conn.execute(OTHER_APP_TABLE)
 
-        applied = await migrations.upgrade(settings)
+        applied = await migrations.upgrade(settings, "0002")
         assert [step.revision for step in applied] == ["0002"]
         functions = await _trigger_functions(conn)
         assert functions["update_tasks_updated_at"] == "todo_store_set_updated_at()"

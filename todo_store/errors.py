@@ -17,6 +17,7 @@ What a caller can do with each error:
 | `DatabaseUnavailable` | lost, refused or timed-out connection, pooler queue full | reads |
 | `CommitOutcomeUnknown` | failed while committing: the write may have happened | not blindly |
 | `ConnectionRejected` | login refused: password, role, database, TLS, parameter | fix config |
+| `AccessRefused` | a write for another user than the bound one; a role without grants | no |
 | `DatabaseError` | anything else, with `.sqlstate` | no |
 """
 
@@ -124,6 +125,21 @@ class ConnectionRejected(TodoStoreError):
         self.sqlstate = sqlstate
 
 
+class AccessRefused(TodoStoreError):
+    """The database refused the statement (SQLSTATE 42501), nothing was written: a write for
+    another user than the one the unit of work is bound to (or in an unbound unit, under a
+    role that row-level security applies to), or a role lacking a privilege (`todo-store
+    grant ROLE`). Another user's existing row is never reported this way: it looks missing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "refused by the database: a write for another user than the unit of work is bound"
+            " to, or a role without the privilege (SQLSTATE 42501)"
+        )
+        self.sqlstate = _INSUFFICIENT_PRIVILEGE
+
+
 class DatabaseError(TodoStoreError):
     """Any other error the server reported; `sqlstate` says which."""
 
@@ -145,6 +161,7 @@ _TOO_MANY_CONNECTIONS = "53300"
 _RESOURCES_CLASS = "53"  # disk full, out of memory: retrying does not help
 _AUTH_CLASS = "28"  # invalid authorization: wrong user or password
 _UNKNOWN_DATABASE = "3D000"
+_INSUFFICIENT_PRIVILEGE = "42501"  # row-level security WITH CHECK, or a missing GRANT
 REJECTED_LOGIN = frozenset({"28000", "28P01", _UNKNOWN_DATABASE})
 
 
@@ -162,6 +179,8 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
         return InvalidData(constraint)
     if sqlstate in _SCHEMA_MISSING:
         return SchemaNotReady(sqlstate)
+    if sqlstate == _INSUFFICIENT_PRIVILEGE:
+        return AccessRefused()
     if sqlstate in (_SERIALIZATION_FAILURE, _DEADLOCK):
         return TransactionConflict(sqlstate)
     if sqlstate == _QUERY_CANCELED:
