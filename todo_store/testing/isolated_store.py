@@ -37,7 +37,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from todo_store.binding import unit_arguments
 from todo_store.engine import TodoStore
+from todo_store.testing.isolation import bound_scope
 from todo_store.settings import Settings
 
 _OTHER_LOOP = (
@@ -88,11 +90,13 @@ class IsolatedTodoStore(TodoStore):
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False
+        self, *, atomic: bool = True, read_only: bool = False, user_id: str | None = None
     ) -> AsyncIterator[AsyncSession]:
-        """A unit of work inside the test's transaction; see the module docstring."""
-        if read_only and not atomic:
-            raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
+        """A unit of work inside the test's transaction; see the module docstring.
+
+        `user_id`: bound to that user under row-level security (`testing.isolation.bound_scope`).
+        """
+        bound = unit_arguments(atomic=atomic, read_only=read_only, user_id=user_id)
         if asyncio.get_running_loop() is not self._fixture_loop:
             raise RuntimeError(_OTHER_LOOP)
         task = asyncio.current_task()
@@ -107,6 +111,8 @@ class IsolatedTodoStore(TodoStore):
                 unit = self.sessionmaker.begin()
             else:
                 unit = self._statement_unit()
+            if bound is not None:
+                unit = _bound(self.connection, bound, unit)
             async with unit as session:
                 yield session
         finally:
@@ -178,6 +184,14 @@ class CallByCallSession(AsyncSession):
                 return await call(*args, **kwargs)
         finally:
             self._in_call = False
+
+
+@asynccontextmanager
+async def _bound(
+    connection: AsyncConnection, user_id: str, unit: AbstractAsyncContextManager[AsyncSession]
+) -> AsyncIterator[AsyncSession]:
+    async with bound_scope(connection, user_id), unit as session:
+        yield session
 
 
 async def _keep_what_succeeded(session: AsyncSession) -> None:

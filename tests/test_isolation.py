@@ -1,0 +1,404 @@
+"""Units of work bound to a user: row-level security, enforced by PostgreSQL.
+
+The test server's own role (`postgres`) is a superuser and bypasses row-level security, as
+Neon's console roles do through `neon_superuser`. These tests run the application's side as a
+runtime role made here and given its privileges by `grant` (exactly what `todo-store grant`
+does); the owner's side (setting up rows, cleaning up) runs as the superuser.
+
+- binding: any user id binds exactly that user (quoting), also `u1' OR true --`;
+- enforcement: repository methods whose owner filter is removed at runtime, and raw SQL, in
+  bound units see and change only the bound user's rows, or are refused (`AccessRefused`);
+  unbound units of the runtime role see nothing and write nothing (fail closed);
+- the `todo_store` fixture's bound units are enforced too, and `assert_user_owned` holds for
+  `tasks` and for an application's own table made user-owned by one call in its revision;
+- round trips: a bound unit of n calls costs 2n + 2 (n + 2 cached), as an unbound one;
+  `session(user_id=..., atomic=False)` costs 4 per call (3 cached);
+- a gauntlet through PgBouncer 1.18 and 1.25 (server pool of 2, 24 clients, alternating users,
+  some units cancelled): every unit sees only its user's rows; every unbound unit, including
+  those right after a bound one on the same server connection, sees the setting empty;
+- `doctor`'s row-level security line and `grant`: ✘/refused for an owner-like role (a member of
+  a BYPASSRLS role, owning the tables), ✔/granted for a runtime role; owner work (migrations,
+  schema checks) still functions under FORCE for a non-superuser owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import start_tracking_pgbouncer
+from sqlalchemy import CursorResult, select, text, true
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql import visitors
+
+from todo_store import (
+    AccessRefused,
+    Settings,
+    Task,
+    TaskNotFound,
+    TaskRepo,
+    TodoStore,
+    UserNotFound,
+    UserRepo,
+    migrations,
+    repositories,
+)
+from todo_store.binding import USER_SETTING, bypass_routes, grant, quote_ident
+from todo_store.doctor import diagnose
+from todo_store.engine import create_engine
+from todo_store.testing.isolated_store import IsolatedTodoStore
+from todo_store.testing.isolation import assert_user_owned
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import settings_for, start_pgbouncer
+from todo_store.testing.postgres import ProvisionedServer
+from todo_store.testing.proxy import RoundTripProxy
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+HOSTILE_IDS = [
+    "u1' OR true --",
+    "u1\\' OR true --",
+    "x'); SELECT set_config('todo_store.user_id', 'u2', true); --",
+    "$$ OR true $$",
+    "ünïcødé 用户",
+    "a" * 255,
+]
+
+
+def _url_as(url: str, role: str) -> str:
+    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
+
+
+async def _create_role(admin_url: str, name: str, *attributes: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"CREATE ROLE {quote_ident(name)} {' '.join(attributes)}")
+    finally:
+        await conn.close()
+
+
+async def _drop_role(admin_url: str, database_urls: list[str], name: str) -> None:
+    for url in database_urls:  # privileges and objects in each database, then the role
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"DROP OWNED BY {quote_ident(name)} CASCADE")
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(name)}")
+    finally:
+        await conn.close()
+
+
+async def _grant(owner_url: str, role: str) -> list[str]:
+    engine = create_engine(settings_for(owner_url))
+    try:
+        async with engine.begin() as conn:
+            return await grant(conn, role)
+    finally:
+        await engine.dispose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def runtime_role(
+    todo_store_server: ProvisionedServer, todo_store_settings: Settings
+) -> AsyncIterator[str]:
+    """A LOGIN role granted by `grant` on the test database: what production runs as."""
+    name = f"todo_store_rt_{secrets.token_hex(4)}"
+    database_url = todo_store_settings.database_url.get_secret_value()
+    await _create_role(todo_store_server.admin_url, name, "LOGIN")
+    try:
+        await _grant(database_url, name)
+        yield name
+    finally:
+        await _drop_role(todo_store_server.admin_url, [database_url], name)
+
+
+@pytest.fixture(scope="session")
+def runtime_settings(todo_store_settings: Settings, runtime_role: str) -> Settings:
+    return settings_for(_url_as(todo_store_settings.database_url.get_secret_value(), runtime_role))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def runtime(runtime_settings: Settings) -> AsyncIterator[TodoStore]:
+    """A store whose role row-level security applies to; its commits are real."""
+    async with TodoStore(runtime_settings) as store:
+        yield store
+
+
+@dataclass
+class Pair:
+    """Two committed users with tasks (ada: 3, the first completed; bob: 2); deleted after."""
+
+    ada: str
+    bob: str
+    ada_tasks: list[int]
+    bob_tasks: list[int]
+
+
+@contextlib.asynccontextmanager
+async def _pair(owner_store: TodoStore) -> AsyncIterator[Pair]:
+    tag = secrets.token_hex(5)
+    ada, bob = f"u_ada_{tag}", f"u_bob_{tag}"
+    async with owner_store.session() as session:
+        users, tasks = UserRepo(session), TaskRepo(session)
+        for user_id in (ada, bob):
+            await users.upsert(user_id, email=f"{user_id}@example.com", name=user_id)
+        ada_tasks = [(await tasks.create(ada, title=f"ada {i}")).id for i in range(3)]
+        bob_tasks = [(await tasks.create(bob, title=f"bob {i}")).id for i in range(2)]
+        await tasks.set_completed(ada, ada_tasks[0])
+        await tasks.set_completed(bob, bob_tasks[0])
+    try:
+        yield Pair(ada, bob, ada_tasks, bob_tasks)
+    finally:
+        async with owner_store.session() as session:
+            for user_id in (ada, bob):
+                with contextlib.suppress(UserNotFound):
+                    await UserRepo(session).delete(user_id)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pair(store: TodoStore) -> AsyncIterator[Pair]:
+    async with _pair(store) as made:
+        yield made
+
+
+async def _titles(owner_store: TodoStore, user_id: str) -> dict[int, tuple[str, bool]]:
+    # Plain SQL with its own filter: the repositories may be mutated by the test.
+    query = text("SELECT id, title, completed FROM tasks WHERE user_id = :u")
+    async with owner_store.session() as session:
+        rows = (await session.execute(query, {"u": user_id})).all()
+    return {task_id: (title, completed) for task_id, title, completed in rows}
+
+
+# -- binding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user_id", HOSTILE_IDS)
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "non-atomic"])
+async def test_any_user_id_binds_exactly_that_user(
+    runtime: TodoStore, user_id: str, atomic: bool
+) -> None:
+    read = text("SELECT current_setting(:s, true)")
+    async with runtime.session(user_id=user_id, atomic=atomic) as session:
+        assert await session.scalar(read, {"s": USER_SETTING}) == user_id
+        # Nobody's tasks: the hostile text bound a user that does not exist, nothing more.
+        assert await session.scalar(text("SELECT count(*) FROM tasks")) == 0
+    async with runtime.session(read_only=True, user_id=user_id) as session:
+        assert await session.scalar(read, {"s": USER_SETTING}) == user_id
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 256, "nul\x00"])
+async def test_invalid_user_id_is_refused_before_any_sql(runtime: TodoStore, bad: str) -> None:
+    for kind in ({}, {"atomic": False}, {"read_only": True}):
+        with pytest.raises(ValueError, match="user_id"):
+            async with runtime.session(user_id=bad, **kind):
+                pass
+    with pytest.raises(ValueError, match="user_id"):
+        await runtime.run(lambda session: asyncio.sleep(0), user_id=bad)
+
+
+async def test_a_binding_never_outlives_its_unit(runtime: TodoStore, pair: Pair) -> None:
+    """On the same pooled connection: bound, failed bound, unbound units one after another."""
+    runtime_one = TodoStore(runtime.settings.model_copy(update={"pool_size": 1, "max_overflow": 0}))
+    read = text("SELECT current_setting(:s, true), pg_backend_pid()")
+    try:
+        async with runtime_one.session(user_id=pair.ada) as session:
+            setting, pid = (await session.execute(read, {"s": USER_SETTING})).one()
+        assert setting == pair.ada
+        with pytest.raises(TaskNotFound):
+            async with runtime_one.session(user_id=pair.bob) as session:
+                await TaskRepo(session).get(pair.bob, pair.ada_tasks[0])
+        with pytest.raises(RuntimeError):  # fails after BEGIN was decided, before it was sent
+            async with runtime_one.session(user_id=pair.bob) as session:
+                await session.connection()
+                raise RuntimeError("before any statement")
+        for atomic in (True, False):
+            async with runtime_one.session(atomic=atomic) as session:
+                again, same_pid = (await session.execute(read, {"s": USER_SETTING})).one()
+                assert await TaskRepo(session).count_for(pair.ada) == 0  # fail closed
+            assert same_pid == pid
+            assert again in (None, "")
+    finally:
+        await runtime_one.dispose()
+
+
+# -- enforcement --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _owner_filters_removed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every TaskRepo statement without its `user_id = :owner` condition (a mutant)."""
+    owner = repositories._OWNER  # noqa: SLF001 - the mutant needs the statements' own condition
+
+    def drop(element: Any) -> Any:
+        return true() if element is owner else None
+
+    def strip(statement: Any) -> Any:
+        return visitors.replacement_traverse(statement, {}, drop)
+
+    for name in dir(repositories):
+        value = getattr(repositories, name)
+        if name.startswith("_") and name.isupper():
+            if isinstance(value, dict):
+                monkeypatch.setattr(repositories, name, {k: strip(v) for k, v in value.items()})
+            elif hasattr(value, "whereclause") or name == "_THE_TASK":
+                monkeypatch.setattr(repositories, name, strip(value))
+    monkeypatch.setattr(repositories, "_UPDATES", {})
+    yield
+
+
+async def test_the_mutant_leaks_without_row_level_security(
+    store: TodoStore, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The superuser bypasses row-level security: the mutant really drops the filter."""
+    with _owner_filters_removed(monkeypatch):
+        async with store.session(user_id=pair.ada) as session:
+            tasks = TaskRepo(session)
+            assert {t.user_id for t in await tasks.list_for(pair.ada, limit=500)} >= {
+                pair.ada,
+                pair.bob,
+            }
+            assert (await tasks.get(pair.ada, pair.bob_tasks[1])).user_id == pair.bob
+
+
+async def test_repository_methods_without_owner_filter_touch_only_the_bound_user(
+    runtime: TodoStore, store: TodoStore, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob_before = await _titles(store, pair.bob)
+    with _owner_filters_removed(monkeypatch):
+        async with runtime.session(user_id=pair.ada) as session:
+            tasks = TaskRepo(session)
+            listed = await tasks.list_for(pair.ada, limit=500)
+            assert sorted(t.id for t in listed) == sorted(pair.ada_tasks)
+            assert await tasks.count_for(pair.ada) == 3
+            assert await tasks.count_for(pair.ada, completed=True) == 1
+            for call in (
+                lambda: tasks.get(pair.ada, pair.bob_tasks[1]),
+                lambda: tasks.toggle(pair.ada, pair.bob_tasks[1]),
+                lambda: tasks.update(pair.ada, pair.bob_tasks[1], title="stolen"),
+                lambda: tasks.set_completed(pair.ada, pair.bob_tasks[1]),
+                lambda: tasks.delete(pair.ada, pair.bob_tasks[1]),
+            ):
+                with pytest.raises(TaskNotFound):
+                    await call()
+            assert await tasks.complete_all(pair.ada) == 2
+            assert await tasks.delete_completed(pair.ada) == 3
+            users = UserRepo(session)
+            with pytest.raises(UserNotFound):
+                await users.get_by_email(f"{pair.bob}@example.com")
+    assert await _titles(store, pair.bob) == bob_before
+    assert await _titles(store, pair.ada) == {}
+
+
+async def test_raw_sql_in_a_bound_unit_touches_only_the_bound_user(
+    runtime: TodoStore, store: TodoStore, pair: Pair
+) -> None:
+    bob_before = await _titles(store, pair.bob)
+    async with runtime.session(user_id=pair.ada) as session:
+        rows = (await session.execute(text("SELECT user_id FROM tasks"))).scalars().all()
+        assert rows == [pair.ada] * 3
+        orm = (await session.execute(select(Task))).scalars().all()
+        assert {task.user_id for task in orm} == {pair.ada}
+        joined = await session.scalar(
+            text("SELECT count(*) FROM users u JOIN tasks t ON t.user_id = u.id")
+        )
+        assert joined == 3
+        assert await session.scalar(text("SELECT count(*) FROM users")) == 1
+        sub = await session.scalar(
+            text("SELECT count(*) FROM tasks WHERE user_id IN (SELECT id FROM users)")
+        )
+        assert sub == 3
+        updated = await session.execute(text("UPDATE tasks SET title = 'x'"))
+        assert isinstance(updated, CursorResult)
+        assert updated.rowcount == 3
+        for refused in (
+            text("INSERT INTO tasks (user_id, title) VALUES (:bob, 'planted')"),
+            text("UPDATE tasks SET user_id = :bob WHERE id = :mine"),
+            text("UPDATE users SET name = 'x' WHERE id = :ada"),  # allowed: own row
+            text("INSERT INTO users (id, email, name) VALUES (:bob || '2', 'e@x.io', 'n')"),
+        ):
+            parameters = {"bob": pair.bob, "ada": pair.ada, "mine": pair.ada_tasks[1]}
+            if "name = 'x'" in str(refused):
+                await session.execute(refused, parameters)
+                continue
+            with pytest.raises(AccessRefused):
+                async with session.begin_nested():
+                    await session.execute(refused, parameters)
+        deleted = await session.execute(text("DELETE FROM tasks"))
+        assert isinstance(deleted, CursorResult)
+        assert deleted.rowcount == 3
+    assert await _titles(store, pair.bob) == bob_before
+    assert await _titles(store, pair.ada) == {}
+
+
+async def test_unbound_units_of_the_runtime_role_fail_closed(
+    runtime: TodoStore, pair: Pair
+) -> None:
+    for atomic in (True, False):
+        async with runtime.session(atomic=atomic) as session:
+            assert await session.scalar(text("SELECT count(*) FROM tasks")) == 0
+            assert await session.scalar(text("SELECT count(*) FROM users")) == 0
+            assert await TaskRepo(session).list_for(pair.ada) == []
+            with pytest.raises(AccessRefused):
+                await TaskRepo(session).create(pair.ada, title="unbound")
+
+
+async def test_run_binds_every_attempt(runtime: TodoStore, pair: Pair) -> None:
+    async def work(session: Any) -> list[int]:
+        return [task.id for task in await TaskRepo(session).list_for(pair.bob, limit=500)]
+
+    assert await runtime.run(work, user_id=pair.ada) == []
+    assert sorted(await runtime.run(work, user_id=pair.bob)) == sorted(pair.bob_tasks)
+
+
+# -- the todo_store fixture, and a user-owned table checked verb by verb -------------------------
+
+
+async def test_the_fixture_runs_bound_units_enforced(todo_store: IsolatedTodoStore) -> None:
+    async with todo_store.session() as session:
+        for user_id in ("u_a", "u_b"):
+            await UserRepo(session).upsert(user_id, email=f"{user_id}@x.io", name=user_id)
+            await TaskRepo(session).create(user_id, title=f"{user_id}'s")
+    for atomic in (True, False):
+        async with todo_store.session(user_id="u_a", atomic=atomic) as session:
+            assert await session.scalar(text("SELECT count(*) FROM tasks")) == 1
+            with pytest.raises(AccessRefused):
+                async with session.begin_nested():
+                    await TaskRepo(session).create("u_b", title="planted")
+            nested_setting = text("SELECT current_setting(:s, true)")
+            async with todo_store.session(user_id="u_b") as inner:
+                assert await inner.scalar(nested_setting, {"s": USER_SETTING}) == "u_b"
+            assert await session.scalar(nested_setting, {"s": USER_SETTING}) == "u_a"
+    async with todo_store.session() as session:  # unbound: the test's own role again
+        assert await session.scalar(text("SELECT count(*) FROM tasks")) == 2
+
+
+async def test_tasks_are_user_owned_verb_by_verb(todo_store: IsolatedTodoStore) -> None:
+    await assert_user_owned(
+        todo_store, "tasks", owner="u_owner", other="u_other", values={"title": "mine"}
+    )
+
+
+async def test_the_helper_catches_a_table_that_is_not_user_owned(
+    todo_store: IsolatedTodoStore,
+) -> None:
+    async with todo_store.session() as session:
+        await session.execute(
+            text("CREATE TABLE notes (id serial PRIMARY KEY, user_id text NOT NULL, body text)")
+        )
+        await session.execute(text("GRANT ALL ON notes, notes_id_seq TO PUBLIC"))
+    with pytest.raises(AssertionError, match="notes: SELECT sees another user's rows"):
+        await assert_user_owned(
+            todo_store, "notes", owner="u_owner", other="u_other", values={"body": "mine"}
+        )
