@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import CommandRun, run_command
+from conftest import CommandRun, granted_role, run_command
 from sqlalchemy.engine import URL, make_url
 
 import todo_store
@@ -37,6 +37,7 @@ DOCTOR = [
     "tls",
     "round trip",
     "statement cache",
+    "row-level security",
     "revision",
     "drift",
     *SCHEMA,
@@ -74,15 +75,16 @@ async def row_counts(url: str) -> tuple[int, int]:
 
 
 async def test_doctor_passes_every_check_on_a_migrated_database(
-    migrated_url: str, tmp_path: Path
+    migrated_url: str, tmp_path: Path, todo_store_server: ProvisionedServer
 ) -> None:
-    text_run = await run_cli(tmp_path, "doctor", database_url=migrated_url)
+    async with granted_role(todo_store_server, migrated_url) as runtime_url:
+        env = {"DATABASE_URL_DIRECT": migrated_url}  # the owner's
+        text_run = await run_cli(tmp_path, "doctor", database_url=runtime_url, **env)
+        json_run = await run_cli(tmp_path, "doctor", "--json", database_url=runtime_url, **env)
     assert text_run.returncode == 0, text_run.stdout + text_run.stderr
     assert [line.split(":")[0] for line in text_run.lines] == [f"✔ {name}" for name in DOCTOR]
     assert "direct" in text_run.line("pooler")
     assert text_run.line("revision").startswith(f"✔ revision: {migrations.head_revision()} = head")
-
-    json_run = await run_cli(tmp_path, "doctor", "--json", database_url=migrated_url)
     assert json_run.returncode == 0
     checks = json.loads(json_run.stdout)
     assert [check["name"] for check in checks] == DOCTOR

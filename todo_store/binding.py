@@ -298,8 +298,12 @@ async def bypass_routes(conn: AsyncConnection, role: str) -> list[str]:
         what = "is a superuser" if superuser else "has BYPASSRLS"
         routes.append(what if name == role else f"is a member of {name}, which {what[3:]}")
     tables = [table.name for table in await user_owned_tables(conn)]
+    owned: dict[str, list[str]] = {}
     for table, owner in await conn.execute(_OWNED, {"role": role, "tables": tables}):
-        routes.append(f"owns {table}" if owner == role else f"is a member of {owner}, owner of {table}")
+        owned.setdefault(owner, []).append(table)
+    for owner, names in owned.items():
+        shown = ", ".join(names)
+        routes.append(f"owns {shown}" if owner == role else f"is a member of {owner}, owner of {shown}")
     maintained = [name for (name,) in await conn.execute(_MAINTAINS, {"role": role})]
     if maintained:
         routes.append(f"may work unbound on {', '.join(maintained)} (the migrating role)")

@@ -6,6 +6,9 @@
   without `DATABASE_URL` it uses an embedded PostgreSQL it starts and deletes.
 - `todo-store migrate` upgrades the schema to head (on the direct URL) and says which
   revisions it applied, or that the database was already at head.
+- `todo-store grant ROLE` gives an existing role exactly what the application needs at run
+  time (DML on the user-owned tables, their sequences), over the direct URL as the tables'
+  owner; it refuses a role that could bypass row-level security.
 - `todo-store --version` prints the installed version.
 
 Each command uses the package's migrations, plus an application's own revisions when an
@@ -33,6 +36,7 @@ from alembic.util import CommandError
 from pydantic import ValidationError
 
 from todo_store import __version__, migrations
+from todo_store.binding import GrantRefused, grant
 from todo_store.demo import run_demo
 from todo_store.doctor import (
     REPORTABLE_ERRORS,
@@ -109,6 +113,37 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _grant(settings: Settings, role: str) -> list[str]:
+    engine = migrations.create_migration_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            return await grant(conn, role)
+    finally:
+        await engine.dispose()
+
+
+def _cmd_grant(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except MissingDatabaseURL:
+        print("✘ settings: DATABASE_URL is not set (environment or .env)")
+        return 2
+    except ValidationError as error:
+        print(f"✘ settings: {settings_problem(error)}")
+        return 2
+    print(migrations.direct_settings(settings)[1].replace("migrations use", "grant uses", 1))
+    try:
+        granted = asyncio.run(_grant(settings, args.role))
+    except GrantRefused as refused:
+        print(f"✘ grant: {refused}")
+        return 1
+    except _MIGRATION_ERRORS as error:
+        print(f"✘ grant: {describe_error(error, settings)}")
+        return 1
+    print(f"granted {args.role}: {'; '.join(granted)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config=_config(args))
 
@@ -142,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
         help="upgrade the schema to head (direct URL); says what it applied",
     )
     migrate.set_defaults(run=_cmd_migrate)
+    grant_command = commands.add_parser(
+        "grant",
+        help="give an existing role what the application needs at run time (direct URL,"
+        " as the tables' owner); refuses a role that bypasses row-level security",
+    )
+    grant_command.add_argument("role", metavar="ROLE", help="the role in DATABASE_URL")
+    grant_command.set_defaults(run=_cmd_grant)
     return parser
 
 
