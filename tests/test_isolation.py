@@ -402,3 +402,165 @@ async def test_the_helper_catches_a_table_that_is_not_user_owned(
         await assert_user_owned(
             todo_store, "notes", owner="u_owner", other="u_other", values={"body": "mine"}
         )
+
+
+# -- round trips: binding rides on the BEGIN ------------------------------------------------------
+
+PGBOUNCER, TRACKING = "pgbouncer-1.18", "pgbouncer-1.25"
+_BOUNCER = pytest.mark.pgbouncer
+# Caching only where it is safe: direct, or a PgBouncer that tracks prepared statements.
+PATHS_AND_CACHE = [
+    pytest.param("direct", False, id="direct-cache-off"),
+    pytest.param(PGBOUNCER, False, id=f"{PGBOUNCER}-cache-off", marks=_BOUNCER),
+    pytest.param(TRACKING, False, id=f"{TRACKING}-cache-off", marks=_BOUNCER),
+    pytest.param("direct", True, id="direct-cache-on"),
+    pytest.param(TRACKING, True, id=f"{TRACKING}-cache-on", marks=_BOUNCER),
+]
+READ_SETTING = text("SELECT current_setting('todo_store.user_id', true)")
+
+
+def _target(request: pytest.FixtureRequest, path: str, settings: Settings) -> str:
+    if path == PGBOUNCER:
+        return str(request.getfixturevalue("todo_store_pgbouncer").url)
+    if path == TRACKING:
+        return str(request.getfixturevalue("tracking_pgbouncer").url)
+    return settings.database_url.get_secret_value()
+
+
+async def _calls(session: Any, pair: Pair, n: int) -> None:
+    """n calls; the last one reads the binding, so the measured unit proves it was bound."""
+    tasks = TaskRepo(session)
+    steps = [
+        lambda: tasks.count_for(pair.ada),
+        lambda: tasks.get(pair.ada, pair.ada_tasks[1]),
+        lambda: tasks.list_for(pair.ada, limit=2),
+        lambda: tasks.toggle(pair.ada, pair.ada_tasks[2]),
+    ]
+    for step in steps[: n - 1]:
+        await step()
+    assert await session.scalar(READ_SETTING) == pair.ada
+
+
+@pytest.mark.parametrize(("path", "cache"), PATHS_AND_CACHE)
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "non-atomic"])
+async def test_a_bound_unit_costs_what_an_unbound_one_does(
+    request: pytest.FixtureRequest,
+    todo_store_settings: Settings,
+    pair: Pair,
+    path: str,
+    cache: bool,
+    atomic: bool,
+) -> None:
+    """Atomic: 2n + 2 (n + 2 cached), BEGIN and the binding in ONE simple query. Non-atomic
+    (each call its own bound transaction): 4 per call (3 cached)."""
+    target = _target(request, path, todo_store_settings)
+    async with RoundTripProxy.in_front_of(target) as proxy:
+        settings = settings_for(proxy.url_for(target)).model_copy(
+            update={"pool_size": 1, "max_overflow": 0, "statement_cache": cache}
+        )
+        async with TodoStore(settings) as store:
+            for n in (1, 3, 5):
+                async with store.session(user_id=pair.ada, atomic=atomic) as session:
+                    await _calls(session, pair, n)  # connects, and fills the cache if on
+                with proxy.counting() as measured:
+                    async with store.session(user_id=pair.ada, atomic=atomic) as session:
+                        await _calls(session, pair, n)
+                per_call = 2 if not cache else 1
+                expected = per_call * n + 2 if atomic else (per_call + 2) * n
+                assert measured.round_trips == expected, (n, measured)
+                # BEGIN;SELECT set_config(...) is one Query message, then COMMIT.
+                assert measured.messages.get("Query") == (2 if atomic else 2 * n), measured
+                assert measured.connections == 0, measured
+
+
+# -- the gauntlet: many clients, few server connections, alternating users, cancellations ---------
+
+
+@dataclass(frozen=True)
+class Seen:
+    order: int
+    pid: int
+    bound: str | None
+    setting: str | None
+    owners: frozenset[str]
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("tracking", [False, True], ids=[PGBOUNCER, TRACKING])
+async def test_gauntlet_through_pgbouncer_leaks_nothing(
+    todo_store_server: ProvisionedServer,
+    todo_store_settings: Settings,
+    runtime_role: str,
+    pair: Pair,
+    tracking: bool,
+) -> None:
+    """24 clients on 2 server connections, each unit bound to ada or bob in turn and followed
+    by an unbound unit; every fifth bound unit is cancelled while its transaction is open."""
+    workers, rounds = 24, 6
+    database = make_url(todo_store_settings.database_url.get_secret_value()).database or ""
+    as_runtime = dataclasses.replace(todo_store_server, user=runtime_role, password=None)
+    start = start_tracking_pgbouncer if tracking else start_pgbouncer
+    bouncer: PgBouncer = start(as_runtime, database, pool_size=2)
+    seen: list[Seen] = []
+    counter = iter(range(10**9))
+    cancelled = 0
+    probe = text(
+        """SELECT current_setting('todo_store.user_id', true), pg_backend_pid(),
+                  coalesce((SELECT array_agg(DISTINCT user_id) FROM tasks), '{}')"""
+    )
+
+    async def unit(store: TodoStore, user_id: str | None, hold: asyncio.Event | None) -> None:
+        async with store.session(user_id=user_id) as session:
+            setting, pid, owners = (await session.execute(probe)).one()
+            seen.append(Seen(next(counter), pid, user_id, setting, frozenset(owners)))
+            if hold is not None:
+                hold.set()
+                await asyncio.Event().wait()  # held open until cancelled
+
+    async def worker(store: TodoStore, number: int) -> None:
+        nonlocal cancelled
+        for round_ in range(rounds):
+            user_id = pair.ada if (number + round_) % 2 else pair.bob
+            if (number * rounds + round_) % 5 == 0:
+                held = asyncio.Event()
+                task = asyncio.create_task(unit(store, user_id, held))
+                await held.wait()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                cancelled += 1
+            else:
+                await unit(store, user_id, None)
+            await unit(store, None, None)
+
+    try:
+        settings = settings_for(bouncer.url).model_copy(
+            update={"pool_size": workers, "max_overflow": 0}
+        )
+        async with TodoStore(settings) as store, asyncio.timeout(120):
+            await asyncio.gather(*(worker(store, number) for number in range(workers)))
+    finally:
+        bouncer.stop()
+
+    bound = [s for s in seen if s.bound is not None]
+    unbound = [s for s in seen if s.bound is None]
+    assert len(bound) == len(unbound) == workers * rounds
+    assert cancelled >= workers * rounds // 5
+    leaks = [s for s in bound if s.setting != s.bound or not s.owners <= {s.bound}]
+    leaks += [s for s in unbound if s.setting not in (None, "") or s.owners]
+    assert leaks == []
+    assert {s.owners for s in bound} == {frozenset({pair.ada}), frozenset({pair.bob})}
+    # Unbound units that ran on a server connection right after a bound unit on it.
+    previous: dict[int, Seen] = {}
+    right_after_bound = 0
+    for s in sorted(seen, key=lambda s: s.order):
+        if s.bound is None and s.pid in previous and previous[s.pid].bound is not None:
+            right_after_bound += 1
+        previous[s.pid] = s
+    assert len(previous) <= 2 + 2  # the server pool (a cancelled client's server may be replaced)
+    assert right_after_bound > 0
+    print(  # the figures behind the claim, for the record (-s)
+        f"\n{bouncer.version}: {len(bound)} bound units ({cancelled} cancelled), "
+        f"{len(unbound)} unbound, {right_after_bound} of them right after a bound unit on "
+        f"the same server connection, {len(previous)} server connections, {len(leaks)} leaks"
+    )
