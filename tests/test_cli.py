@@ -192,9 +192,7 @@ async def test_doctor_flags_statement_caching_through_pgbouncer(
 
     cached = await run_cli(tmp_path, "doctor", database_url=url, STATEMENT_CACHE="true")
     assert cached.returncode == 1
-    assert [
-        line for line in cached.lines if line.startswith("✘") and not line.startswith(rls)
-    ] == [
+    assert [line for line in cached.lines if line.startswith("✘") and not line.startswith(rls)] == [
         "✘ statement cache: on, through a pooler: prepared statements can land on another server"
         " connection — set STATEMENT_CACHE=false, or use PgBouncer >= 1.21 with"
         " max_prepared_statements"

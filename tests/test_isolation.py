@@ -52,7 +52,7 @@ from todo_store import (
     migrations,
     repositories,
 )
-from todo_store.binding import USER_SETTING, bypass_routes, grant, quote_ident
+from todo_store.binding import USER_SETTING, GrantRefused, bypass_routes, grant, quote_ident
 from todo_store.doctor import diagnose
 from todo_store.engine import create_engine
 from todo_store.testing.isolated_store import IsolatedTodoStore
@@ -208,6 +208,12 @@ async def test_invalid_user_id_is_refused_before_any_sql(runtime: TodoStore, bad
         await runtime.run(lambda session: asyncio.sleep(0), user_id=bad)
 
 
+async def _fail_before_any_statement(store: TodoStore, user_id: str) -> None:
+    async with store.session(user_id=user_id) as session:
+        await session.connection()  # the transaction has begun; its BEGIN is not sent yet
+        raise RuntimeError("before any statement")
+
+
 async def test_a_binding_never_outlives_its_unit(runtime: TodoStore, pair: Pair) -> None:
     """On the same pooled connection: bound, failed bound, unbound units one after another."""
     runtime_one = TodoStore(runtime.settings.model_copy(update={"pool_size": 1, "max_overflow": 0}))
@@ -220,9 +226,7 @@ async def test_a_binding_never_outlives_its_unit(runtime: TodoStore, pair: Pair)
             async with runtime_one.session(user_id=pair.bob) as session:
                 await TaskRepo(session).get(pair.bob, pair.ada_tasks[0])
         with pytest.raises(RuntimeError):  # fails after BEGIN was decided, before it was sent
-            async with runtime_one.session(user_id=pair.bob) as session:
-                await session.connection()
-                raise RuntimeError("before any statement")
+            await _fail_before_any_statement(runtime_one, pair.bob)
         for atomic in (True, False):
             async with runtime_one.session(atomic=atomic) as session:
                 again, same_pid = (await session.execute(read, {"s": USER_SETTING})).one()
@@ -239,7 +243,7 @@ async def test_a_binding_never_outlives_its_unit(runtime: TodoStore, pair: Pair)
 @contextlib.contextmanager
 def _owner_filters_removed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every TaskRepo statement without its `user_id = :owner` condition (a mutant)."""
-    owner = repositories._OWNER  # noqa: SLF001 - the mutant needs the statements' own condition
+    owner = repositories._OWNER  # the mutant needs the statements' own condition
 
     def drop(element: Any) -> Any:
         return true() if element is owner else None
@@ -443,7 +447,7 @@ async def _calls(session: Any, pair: Pair, n: int) -> None:
 
 @pytest.mark.parametrize(("path", "cache"), PATHS_AND_CACHE)
 @pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "non-atomic"])
-async def test_a_bound_unit_costs_what_an_unbound_one_does(
+async def test_a_bound_unit_costs_what_an_unbound_one_does(  # noqa: PLR0917 - fixtures
     request: pytest.FixtureRequest,
     todo_store_settings: Settings,
     pair: Pair,
@@ -564,3 +568,168 @@ async def test_gauntlet_through_pgbouncer_leaks_nothing(
         f"{len(unbound)} unbound, {right_after_bound} of them right after a bound unit on "
         f"the same server connection, {len(previous)} server connections, {len(leaks)} leaks"
     )
+
+
+# -- owner-like roles, grant, doctor, and an application's own user-owned table -----------------
+
+APP_INI = """\
+[alembic]
+script_location = todo_store:_alembic
+version_locations = todo_store:_alembic/versions %(here)s/migrations
+path_separator = space
+"""
+
+NOTES_REVISION = '''\
+"""Notes, owned by users.
+
+Revision ID: 2001
+Revises: {head}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from todo_store.binding import drop_user_ownership, make_user_owned
+
+revision = "2001"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "notes",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), primary_key=True),
+        sa.Column("author", sa.Text(), sa.ForeignKey("users.id", ondelete="CASCADE")),
+        sa.Column("body", sa.Text(), nullable=False),
+    )
+    make_user_owned("notes", user_column="author")
+
+
+def downgrade() -> None:
+    drop_user_ownership("notes")
+    op.drop_table("notes")
+'''
+
+
+def _app_with_notes(directory: Path) -> Path:
+    (directory / "migrations").mkdir(parents=True)
+    head = migrations.head_revision()
+    (directory / "migrations" / "2001_notes.py").write_text(NOTES_REVISION.format(head=head))
+    ini = directory / "alembic.ini"
+    ini.write_text(APP_INI)
+    return ini
+
+
+async def _rls_line(settings: Settings, config: Path | None = None) -> Any:
+    [line] = [
+        check for check in await diagnose(settings, config) if check.name == "row-level security"
+    ]
+    return line
+
+
+async def test_owner_like_role_is_refused_and_its_work_still_functions(
+    todo_store_server: ProvisionedServer,
+    empty_database: str,
+    tmp_path: Path,
+) -> None:
+    """A console-style owner: not a superuser, no BYPASSRLS of its own, but a member of a role
+    with it (as Neon's neondb_owner is of neon_superuser). It migrates (an application table
+    included), its unbound work spans users under FORCE, its bound units are held to their
+    user; doctor says ✘ for it, grant refuses it, and the role it grants gets doctor's ✔."""
+    tag = secrets.token_hex(3)
+    group, owner, runtime_name, direct_bypass = (
+        f"ts_superuser_{tag}",
+        f"ts_owner_{tag}",
+        f"ts_app_{tag}",
+        f"ts_bypass_{tag}",
+    )
+    admin = todo_store_server.admin_url
+    database = make_url(empty_database).database or ""
+    await _create_role(admin, group, "NOLOGIN BYPASSRLS")
+    await _create_role(admin, owner, "LOGIN", f"IN ROLE {quote_ident(group)}")
+    await _create_role(admin, runtime_name, "LOGIN")
+    await _create_role(admin, direct_bypass, "LOGIN BYPASSRLS")
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f"ALTER DATABASE {quote_ident(database)} OWNER TO {quote_ident(owner)}")
+    await conn.close()
+    owner_url = _url_as(empty_database, owner)
+    owner_settings = settings_for(owner_url)
+    ini = _app_with_notes(tmp_path / "app")
+    try:
+        await migrations.upgrade(owner_settings, config=ini)
+
+        # The owner's unbound work spans users (as migrations, checks and demo need).
+        async with TodoStore(owner_settings) as owner_store:
+            async with _pair(owner_store) as made:
+                async with owner_store.session() as session:
+                    everyone = await session.scalar(text("SELECT count(*) FROM tasks"))
+                    assert everyone == 5
+                async with owner_store.session(user_id=made.ada) as session:
+                    assert await session.scalar(text("SELECT count(*) FROM tasks")) == 3
+            checks = await diagnose(owner_settings, ini)
+        by_name = {check.name: check for check in checks}
+        # (drift: this test names no models for the notes table)
+        schema_checks = [c for c in checks if c.name not in ("row-level security", "drift")]
+        assert all(check.ok for check in schema_checks), [c for c in schema_checks if not c.ok]
+        verdict = by_name["row-level security"]
+        assert not verdict.ok
+        assert f"is a member of {group}, which has BYPASSRLS" in verdict.detail
+        assert "owns notes, tasks, users" in verdict.detail
+        assert "todo-store grant" in verdict.hint
+
+        engine = create_engine(owner_settings)
+        try:
+            for refused, why in (
+                (owner, f"is a member of {group}, which has BYPASSRLS"),
+                (direct_bypass, "has BYPASSRLS"),
+                ("postgres", "is a superuser"),
+                (f"no_such_{tag}", "does not exist"),
+            ):
+                async with engine.begin() as conn_:
+                    with pytest.raises(GrantRefused, match=why):
+                        await grant(conn_, refused)
+            async with engine.begin() as conn_:
+                granted = await grant(conn_, runtime_name)
+            assert granted == [
+                "SELECT, INSERT, UPDATE, DELETE on notes, tasks, users",
+                "USAGE, SELECT on notes_id_seq, tasks_id_seq",
+            ]
+            async with engine.connect() as conn_:
+                assert await bypass_routes(conn_, runtime_name) == []
+        finally:
+            await engine.dispose()
+
+        runtime_settings = settings_for(_url_as(empty_database, runtime_name)).model_copy(
+            update={"database_url_direct": owner_settings.database_url}
+        )
+        line = await _rls_line(runtime_settings, ini)
+        assert line.ok, line
+        assert (
+            line.detail == f"role {runtime_name} cannot bypass it; enforced on notes, tasks, users"
+        )
+        async with TodoStore(runtime_settings) as runtime_store:
+            await assert_user_owned(
+                runtime_store,
+                "notes",
+                owner="u_n1",
+                other="u_n2",
+                values={"body": "mine"},
+                user_column="author",
+            )
+        conn = await asyncpg.connect(owner_url)
+        await conn.execute("ALTER TABLE notes NO FORCE ROW LEVEL SECURITY")
+        await conn.close()
+        line = await _rls_line(runtime_settings, ini)
+        assert not line.ok
+        assert line.detail == "not enabled and forced on notes"
+        await migrations.downgrade(owner_settings, "base", config=ini)  # reversible
+    finally:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f"ALTER DATABASE {quote_ident(database)} OWNER TO postgres")
+        await conn.close()
+        await _drop_role(admin, [empty_database], runtime_name)
+        await _drop_role(admin, [empty_database], owner)
+        for role in (group, direct_bypass):
+            await _drop_role(admin, [], role)

@@ -78,7 +78,7 @@ def bind_statement(user_id: str) -> str:
     return f"SELECT set_config('{USER_SETTING}', {quote_literal(user_id)}, true)"
 
 
-class BoundConnection(asyncpg.Connection):  # type: ignore[misc] # asyncpg's class is untyped
+class BoundConnection(asyncpg.Connection):
     """An asyncpg connection whose next BEGIN can carry a user binding.
 
     `bind_next_transaction(user_id)` makes the next `BEGIN` this connection sends (asyncpg's
@@ -92,7 +92,9 @@ class BoundConnection(asyncpg.Connection):  # type: ignore[misc] # asyncpg's cla
         """Bind the next transaction to `user_id`, or to nobody (`None`)."""
         self._pending_user = user_id
 
-    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+    async def execute(  # noqa: ASYNC109 - asyncpg's own signature
+        self, query: str, *args: Any, timeout: float | None = None
+    ) -> str:
         user_id = self._pending_user
         if user_id is not None and not args and query.startswith(_BEGIN):
             # Consumed before anything is sent: a failed or cancelled BEGIN binds nothing later.
@@ -175,12 +177,12 @@ class CallByCallTransactions(AsyncSession):
         try:
             result = await call(*args, **kwargs)
             await self.commit()
-            return result
         except Exception:
             await self.rollback()
             raise
         finally:
             self._in_call = False
+        return result
 
 
 # -- migrations: making a table user-owned ----------------------------------------------------
@@ -294,16 +296,21 @@ async def user_owned_tables(conn: AsyncConnection) -> list[UserOwnedTable]:
 async def bypass_routes(conn: AsyncConnection, role: str) -> list[str]:
     """Every way `role` can escape the user policies, in words; empty if it cannot."""
     routes: list[str] = []
-    for name, superuser, bypass in await conn.execute(_ROLE_ATTRIBUTES, {"role": role}):
-        what = "is a superuser" if superuser else "has BYPASSRLS"
-        routes.append(what if name == role else f"is a member of {name}, which {what[3:]}")
+    for name, superuser, _bypass in await conn.execute(_ROLE_ATTRIBUTES, {"role": role}):
+        if name == role:
+            routes.append("is a superuser" if superuser else "has BYPASSRLS")
+        else:
+            what = "is a superuser" if superuser else "has BYPASSRLS"
+            routes.append(f"is a member of {name}, which {what}")
     tables = [table.name for table in await user_owned_tables(conn)]
     owned: dict[str, list[str]] = {}
     for table, owner in await conn.execute(_OWNED, {"role": role, "tables": tables}):
         owned.setdefault(owner, []).append(table)
     for owner, names in owned.items():
         shown = ", ".join(names)
-        routes.append(f"owns {shown}" if owner == role else f"is a member of {owner}, owner of {shown}")
+        routes.append(
+            f"owns {shown}" if owner == role else f"is a member of {owner}, owner of {shown}"
+        )
     maintained = [name for (name,) in await conn.execute(_MAINTAINS, {"role": role})]
     if maintained:
         routes.append(f"may work unbound on {', '.join(maintained)} (the migrating role)")
@@ -322,7 +329,9 @@ async def grant(conn: AsyncConnection, role: str) -> list[str]:
     caller's transaction, as the tables' owner. Raises `GrantRefused` if the role does not
     exist or could bypass row-level security (see `bypass_routes`).
     """
-    exists = await conn.scalar(text("SELECT to_regrole(:role) IS NOT NULL"), {"role": quote_ident(role)})
+    exists = await conn.scalar(
+        text("SELECT to_regrole(:role) IS NOT NULL"), {"role": quote_ident(role)}
+    )
     if not exists:
         raise GrantRefused(f"role {role!r} does not exist: create it first (CREATE ROLE ... LOGIN)")
     routes = await bypass_routes(conn, role)
@@ -340,7 +349,9 @@ async def grant(conn: AsyncConnection, role: str) -> list[str]:
             text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {quote_ident(table)} TO {grantee}")
         )
     for sequence in sequences:
-        await conn.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {quote_ident(sequence)} TO {grantee}"))
+        await conn.execute(
+            text(f"GRANT USAGE, SELECT ON SEQUENCE {quote_ident(sequence)} TO {grantee}")
+        )
     granted = [f"SELECT, INSERT, UPDATE, DELETE on {', '.join(tables)}"]
     if sequences:
         granted.append(f"USAGE, SELECT on {', '.join(sequences)}")

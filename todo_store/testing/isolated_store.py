@@ -39,8 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from todo_store.binding import unit_arguments
 from todo_store.engine import TodoStore
-from todo_store.testing.isolation import bound_scope
 from todo_store.settings import Settings
+from todo_store.testing.isolation import bound_scope
 
 _OTHER_LOOP = (
     "the todo_store fixture was set up on another event loop than the one running this code. "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import CursorResult, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -121,14 +121,19 @@ async def assert_user_owned(
         before = await session.scalar(count, parameters)
         await session.execute(insert, parameters)
         seen = await session.scalar(count, parameters)
-        assert seen == before + 1, f"{table}: INSERT for the owner is not visible to the owner"
+        _expect(seen == before + 1, f"{table}: INSERT for the owner is not visible to the owner")
     async with store.session(user_id=other) as session:
-        assert await session.scalar(count, parameters) == 0, f"{table}: SELECT sees another user's rows"
-        assert _rowcount(await session.execute(touch, parameters)) == 0, (
-            f"{table}: UPDATE changes another user's rows"
+        _expect(
+            await session.scalar(count, parameters) == 0,
+            f"{table}: SELECT sees another user's rows",
         )
-        assert _rowcount(await session.execute(remove, parameters)) == 0, (
-            f"{table}: DELETE removes another user's rows"
+        _expect(
+            _rowcount(await session.execute(touch, parameters)) == 0,
+            f"{table}: UPDATE changes another user's rows",
+        )
+        _expect(
+            _rowcount(await session.execute(remove, parameters)) == 0,
+            f"{table}: DELETE removes another user's rows",
         )
         refused = False
         try:
@@ -136,20 +141,27 @@ async def assert_user_owned(
                 await session.execute(insert, parameters)
         except AccessRefused:
             refused = True
-        assert refused, f"{table}: INSERT of a row for another user was accepted"
+        _expect(refused, f"{table}: INSERT of a row for another user was accepted")
     async with store.session(user_id=owner) as session:
-        assert await session.scalar(count, parameters) == before + 1, (
-            f"{table}: another user's unit changed the owner's rows"
+        _expect(
+            await session.scalar(count, parameters) == before + 1,
+            f"{table}: another user's unit changed the owner's rows",
         )
-        assert _rowcount(await session.execute(touch, parameters)) == before + 1, (
-            f"{table}: UPDATE by the owner missed the owner's rows"
+        _expect(
+            _rowcount(await session.execute(touch, parameters)) == before + 1,
+            f"{table}: UPDATE by the owner missed the owner's rows",
         )
-        assert _rowcount(await session.execute(remove, parameters)) == before + 1, (
-            f"{table}: DELETE by the owner missed the owner's rows"
+        _expect(
+            _rowcount(await session.execute(remove, parameters)) == before + 1,
+            f"{table}: DELETE by the owner missed the owner's rows",
         )
 
 
 def _rowcount(result: Any) -> int:
-    assert isinstance(result, CursorResult)
-    return result.rowcount
+    return cast(CursorResult[Any], result).rowcount
 
+
+def _expect(holds: bool, failure: str) -> None:
+    # Not `assert`: the check must hold under `python -O` too.
+    if not holds:
+        raise AssertionError(failure)
