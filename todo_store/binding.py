@@ -92,8 +92,11 @@ class BoundConnection(asyncpg.Connection):
         """Bind the next transaction to `user_id`, or to nobody (`None`)."""
         self._pending_user = user_id
 
-    async def execute(  # noqa: ASYNC109 - asyncpg's own signature
-        self, query: str, *args: Any, timeout: float | None = None
+    async def execute(
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's own signature
     ) -> str:
         user_id = self._pending_user
         if user_id is not None and not args and query.startswith(_BEGIN):
