@@ -4,6 +4,8 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
 - no named prepared statement outlives its transaction (unless `statement_cache` is on);
 - round trips with caching off: an atomic unit of work of n statements costs 2n + 2 (BEGIN,
   prepare + execute per statement, COMMIT); a non-atomic one (`session(atomic=False)`) 2n;
+  a unit bound to a user (`session(user_id=...)`) costs what it costs unbound when atomic
+  (the binding rides on the BEGIN), and 4 per call when not (a bound transaction per call);
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
   all) is replaced at checkout, before any caller code runs, without sending anything;
 - database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,
