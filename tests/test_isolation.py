@@ -384,6 +384,11 @@ async def test_the_fixture_runs_bound_units_enforced(todo_store: IsolatedTodoSto
             async with todo_store.session(user_id="u_b") as inner:
                 assert await inner.scalar(nested_setting, {"s": USER_SETTING}) == "u_b"
             assert await session.scalar(nested_setting, {"s": USER_SETTING}) == "u_a"
+    async with todo_store.session(user_id="u_b", read_only=True) as session:
+        assert [task.user_id for task in await TaskRepo(session).list_for("u_a")] == []
+    assert (
+        await todo_store.run(lambda session: TaskRepo(session).count_for("u_b"), user_id="u_a") == 0
+    )
     async with todo_store.session() as session:  # unbound: the test's own role again
         assert await session.scalar(text("SELECT count(*) FROM tasks")) == 2
 
