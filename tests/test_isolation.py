@@ -301,6 +301,17 @@ async def test_repository_methods_without_owner_filter_touch_only_the_bound_user
             users = UserRepo(session)
             with pytest.raises(UserNotFound):
                 await users.get_by_email(f"{pair.bob}@example.com")
+            with pytest.raises(UserNotFound):
+                await users.get(pair.bob)
+            with pytest.raises(UserNotFound):
+                await users.delete(pair.bob)
+            # A write *for* another user is refused, not silently dropped.
+            with pytest.raises(AccessRefused):
+                async with session.begin_nested():
+                    await users.upsert(pair.bob, email="bob2@example.com", name="Bob")
+            with pytest.raises(AccessRefused):
+                async with session.begin_nested():
+                    await tasks.create(pair.bob, title="planted")
     assert await _titles(store, pair.bob) == bob_before
     assert await _titles(store, pair.ada) == {}
 
@@ -390,7 +401,8 @@ async def test_the_fixture_runs_bound_units_enforced(todo_store: IsolatedTodoSto
         await todo_store.run(lambda session: TaskRepo(session).count_for("u_b"), user_id="u_a") == 0
     )
     async with todo_store.session() as session:  # unbound: the test's own role again
-        assert await session.scalar(text("SELECT count(*) FROM tasks")) == 2
+        both = text("SELECT count(*) FROM tasks WHERE user_id IN ('u_a', 'u_b')")
+        assert await session.scalar(both) == 2
 
 
 async def test_tasks_are_user_owned_verb_by_verb(todo_store: IsolatedTodoStore) -> None:
