@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import start_tracking_pgbouncer
+from conftest import run_command, start_tracking_pgbouncer
 from sqlalchemy import CursorResult, select, text, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql import visitors
@@ -750,3 +751,27 @@ async def test_owner_like_role_is_refused_and_its_work_still_functions(
         await _drop_role(admin, [empty_database], owner)
         for role in (group, direct_bypass):
             await _drop_role(admin, [], role)
+
+
+async def test_grant_command(
+    todo_store_server: ProvisionedServer, todo_store_settings: Settings, tmp_path: Path
+) -> None:
+    """`todo-store grant ROLE`: one line saying what was granted, or why not (exit 1)."""
+    url = todo_store_settings.database_url.get_secret_value()
+    name = f"todo_store_cli_{secrets.token_hex(4)}"
+    command = (sys.executable, "-m", "todo_store.cli", "grant")
+    await _create_role(todo_store_server.admin_url, name, "LOGIN")
+    try:
+        granted = await run_command(*command, name, cwd=tmp_path, database_url=url)
+        refused = await run_command(*command, "postgres", cwd=tmp_path, database_url=url)
+    finally:
+        await _drop_role(todo_store_server.admin_url, [url], name)
+    assert granted.returncode == 0, granted.stdout + granted.stderr
+    assert granted.lines[-1] == (
+        f"granted {name}: SELECT, INSERT, UPDATE, DELETE on tasks, users; "
+        "USAGE, SELECT on tasks_id_seq"
+    )
+    assert refused.returncode == 1
+    assert refused.lines[-1] == (
+        "✘ grant: role 'postgres' is a superuser: row-level security would not apply to it"
+    )

@@ -299,7 +299,11 @@ async def user_owned_tables(conn: AsyncConnection) -> list[UserOwnedTable]:
 async def bypass_routes(conn: AsyncConnection, role: str) -> list[str]:
     """Every way `role` can escape the user policies, in words; empty if it cannot."""
     routes: list[str] = []
-    for name, superuser, _bypass in await conn.execute(_ROLE_ATTRIBUTES, {"role": role}):
+    attributes = list(await conn.execute(_ROLE_ATTRIBUTES, {"role": role}))
+    if any(name == role and superuser for name, superuser, _ in attributes):
+        # A superuser is a member of every role: that one route says it all.
+        return ["is a superuser"]
+    for name, superuser, _bypass in attributes:
         if name == role:
             routes.append("is a superuser" if superuser else "has BYPASSRLS")
         else:
