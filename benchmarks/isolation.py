@@ -4,10 +4,12 @@ A database of its own, migrated to head (row-level security enabled and forced o
 1,000 users with 1,000 tasks each (10^6), `VACUUM (ANALYZE)`. The application's side runs as
 a runtime role given its privileges by `grant` (what `todo-store grant` does), in units of
 work bound to a random user, one `list_for` (a page of 50) each, direct, no injected latency.
-Rounds alternate between row-level security on (as migrated) and off (`ALTER TABLE tasks
-DISABLE ROW LEVEL SECURITY`, the same units of work), so drift in the machine's load hits both
-alike; the medians of each state are compared. The plans PostgreSQL chose are printed too:
-the repositories' query, and a query with no WHERE at all (the policy alone narrows it).
+The same units of work run for a
+role that bypasses row-level security (BYPASSRLS, the same privileges), unit by unit
+alternating with the runtime role's, on the same user, so drift in the machine's load hits
+both alike; the medians are compared, and the median of the per-unit ratios. The plans
+PostgreSQL chose are printed too: the repositories' query, and a query with no WHERE at all
+(the policy alone narrows it to the user, through the owner index).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ async def _fill(conn: asyncpg.Connection) -> None:
 
 
 async def _plan(runtime_dsn: str, sql: str, *args: Any) -> str:
-    """The plan's node types, outermost first, as the runtime role in a bound transaction."""
+    """The plan's node types, outermost first, as that URL's role in a bound transaction."""
     conn = await asyncpg.connect(runtime_dsn, statement_cache_size=0)
     try:
         async with conn.transaction():
@@ -96,10 +98,12 @@ async def _timed(store: TodoStore, user_id: str) -> float:
 
 async def main(rounds: int, samples: int) -> None:
     rng = random.Random(20261204)  # picks users; not a secret
-    role = f"todo_store_bench_{secrets.token_hex(3)}"
+    tag = secrets.token_hex(3)
+    enforced, bypassing = f"todo_store_bench_{tag}", f"todo_store_bench_bypass_{tag}"
     async with server() as provisioned, database(provisioned, "isolation") as db:
         admin = await asyncpg.connect(asyncpg_dsn(db.url))
-        await admin.execute(f"CREATE ROLE {quote_ident(role)} LOGIN")
+        await admin.execute(f"CREATE ROLE {quote_ident(enforced)} LOGIN")
+        await admin.execute(f"CREATE ROLE {quote_ident(bypassing)} LOGIN BYPASSRLS")
         try:
             started = time.perf_counter()
             await _fill(admin)
@@ -107,57 +111,84 @@ async def main(rounds: int, samples: int) -> None:
             print(f"filled {TASKS:,} tasks of {USERS:,} users in {filled_s:.0f} s")
             engine = create_engine(settings_for(db.url))
             async with engine.begin() as conn:
-                await grant(conn, role)
+                await grant(conn, enforced)
             await engine.dispose()
-            runtime_url = make_url(db.url).set(username=role, password=None)
-            runtime = runtime_url.render_as_string(hide_password=False)
-            medians: dict[bool, list[float]] = {True: [], False: []}
-            plans: dict[bool, tuple[str, str]] = {}
-            async with TodoStore(
-                settings_for(runtime).model_copy(update={"pool_size": 1})
-            ) as store:
-                for number in range(rounds * 2):
-                    rls = number % 2 == 0
-                    state = "ENABLE" if rls else "DISABLE"
-                    await admin.execute(f"ALTER TABLE tasks {state} ROW LEVEL SECURITY")
-                    await store.dispose()  # no plan or cache carried over from the other state
-                    for _ in range(20):  # warm-up
+            # The same privileges by hand: `grant` refuses a role that bypasses.
+            await admin.execute(
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, users TO {quote_ident(bypassing)}"
+            )
+            urls = {
+                rls: make_url(db.url)
+                .set(username=role, password=None)
+                .render_as_string(hide_password=False)
+                for rls, role in ((True, enforced), (False, bypassing))
+            }
+            latencies: dict[bool, list[float]] = {True: [], False: []}
+            per_round: dict[bool, list[float]] = {True: [], False: []}
+            async with (
+                TodoStore(settings_for(urls[True]).model_copy(update={"pool_size": 1})) as on,
+                TodoStore(settings_for(urls[False]).model_copy(update={"pool_size": 1})) as off,
+            ):
+                stores = {True: on, False: off}
+                for _ in range(20):  # warm-up
+                    for store in stores.values():
                         await _timed(store, _user(rng.randrange(USERS)))
-                    latencies = [
-                        await _timed(store, _user(rng.randrange(USERS))) for _ in range(samples)
-                    ]
-                    medians[rls].append(statistics.median(latencies) * 1000)
-                    if rls not in plans:
-                        plans[rls] = (
-                            await _plan(asyncpg_dsn(runtime), _REPOSITORY_QUERY, _user(1)),
-                            await _plan(asyncpg_dsn(runtime), _NO_WHERE),
-                        )
-                await admin.execute("ALTER TABLE tasks ENABLE ROW LEVEL SECURITY")
+                for number in range(rounds):
+                    this_round: dict[bool, list[float]] = {True: [], False: []}
+                    for sample in range(samples):
+                        user_id = _user(rng.randrange(USERS))
+                        # Unit by unit, alternating which goes first: load drift hits both.
+                        order = (True, False) if sample % 2 else (False, True)
+                        for rls in order:
+                            this_round[rls].append(await _timed(stores[rls], user_id))
+                    for rls in (True, False):
+                        latencies[rls] += this_round[rls]
+                        per_round[rls].append(statistics.median(this_round[rls]) * 1000)
+                    shown = f"{per_round[True][-1]:.3f} / {per_round[False][-1]:.3f} ms"
+                    print(f"  round {number + 1} (enforced / bypassed): {shown}")
+            plans = {
+                rls: (
+                    await _plan(asyncpg_dsn(urls[rls]), _REPOSITORY_QUERY, _user(1)),
+                    await _plan(asyncpg_dsn(urls[rls]), _NO_WHERE),
+                )
+                for rls in (True, False)
+            }
         finally:
-            await admin.execute(f"DROP OWNED BY {quote_ident(role)}")
+            for role in (enforced, bypassing):
+                await admin.execute(f"DROP OWNED BY {quote_ident(role)}")
             await admin.close()
             cleanup = await asyncpg.connect(provisioned.admin_url)
-            await cleanup.execute(f"DROP ROLE {quote_ident(role)}")
+            for role in (enforced, bypassing):
+                await cleanup.execute(f"DROP ROLE {quote_ident(role)}")
             await cleanup.close()
-    on, off = statistics.median(medians[True]), statistics.median(medians[False])
-    # Each "on" round against the "off" round right after it: drift in load cancels out.
-    paired = [a / b for a, b in zip(medians[True], medians[False], strict=True)]
-    print(f"\nlist_for (page of 50), bound unit of work, {TASKS:,} tasks, {rounds} rounds each")
-    print(f"of {samples} units; median of the rounds' medians (each round's median in brackets)\n")
-    print("| row-level security | median ms | rounds | plan of the repository's query |")
+    _report(rounds, samples, latencies, per_round, plans)
+
+
+def _report(
+    rounds: int,
+    samples: int,
+    latencies: dict[bool, list[float]],
+    per_round: dict[bool, list[float]],
+    plans: dict[bool, tuple[str, str]],
+) -> None:
+    medians = {rls: statistics.median(values) * 1000 for rls, values in latencies.items()}
+    paired = [a / b for a, b in zip(latencies[True], latencies[False], strict=True)]
+    print(f"\nlist_for (page of 50), bound unit of work, {TASKS:,} tasks, {rounds} rounds of")
+    print(f"{samples} units for each role, interleaved unit by unit, direct, pool of 1\n")
+    print("| row-level security | median ms (all units) | round medians ms | plan |")
     print("|---|---|---|---|")
-    for rls, value in ((True, on), (False, off)):
-        shown = ", ".join(f"{m:.3f}" for m in medians[rls])
-        print(f"| {'on' if rls else 'off'} | {value:.3f} | {shown} | {plans[rls][0]} |")
-    print(f"\nwith / without: {on / off:.3f} (medians); paired rounds: median ratio ", end="")
-    print(f"{statistics.median(paired):.3f} ({', '.join(f'{r:.3f}' for r in paired)})")
-    print(f"no WHERE at all, row-level security on: {plans[True][1]}")
-    print(f"no WHERE at all, row-level security off: {plans[False][1]}")
+    for rls, label in ((True, "enforced (runtime role)"), (False, "bypassed (BYPASSRLS role)")):
+        shown = ", ".join(f"{m:.3f}" for m in per_round[rls])
+        print(f"| {label} | {medians[rls]:.3f} | {shown} | {plans[rls][0]} |")
+    print(f"\nenforced / bypassed: {medians[True] / medians[False]:.3f} (medians); median of the")
+    print(f"per-unit ratios (same user, back to back): {statistics.median(paired):.3f}")
+    print(f"no WHERE at all, enforced: {plans[True][1]}")
+    print(f"no WHERE at all, bypassed: {plans[False][1]}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of each state (9)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (5)")
     parser.add_argument("--samples", type=int, default=300, help="units per round (300)")
     arguments = parser.parse_args()
     asyncio.run(main(arguments.rounds, arguments.samples))
