@@ -69,6 +69,17 @@ def test_url_with_socket_host_is_described_piecewise() -> None:
     assert server.is_unix_socket
 
 
+def test_repr_of_a_server_hides_its_password() -> None:
+    server = server_from_url("postgresql://admin:Sup3r-s3cret@db.example:6543/postgres", "env")
+    server_in_query = server_from_url(
+        "postgresql://admin@/postgres?host=/run/pg&password=Sup3r-s3cret", "env"
+    )
+
+    for shown in (repr(server), str(server), repr(server_in_query), f"{[server]}"):
+        assert "Sup3r-s3cret" not in shown
+        assert "admin" in shown  # still says which server and role it is
+
+
 def test_url_with_driver_becomes_plain_libpq_url() -> None:
     server = server_from_url("postgresql+asyncpg://app:s3cret@db.example:6543/admin", "env")
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
+from todo_store.urls import mask
+
 DATABASE_URL_ENV = "TODO_STORE_TEST_DATABASE_URL"
 SOURCE_ENV = "TODO_STORE_TEST_POSTGRES"
 SOURCES = ("env", "docker", "embedded")
@@ -51,6 +53,14 @@ class ProvisionedServer:
     port: int
     user: str
     password: str | None
+
+    def __repr__(self) -> str:
+        # The password (also inside `admin_url`) stays out of reprs, so out of test reports.
+        return (
+            f"ProvisionedServer(admin_url={mask(self.admin_url)!r}, source={self.source!r}, "
+            f"host={self.host!r}, port={self.port!r}, user={self.user!r}, "
+            f"password={'***' if self.password else None!r})"
+        )
 
     @property
     def is_unix_socket(self) -> bool:
