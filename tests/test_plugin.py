@@ -383,6 +383,113 @@ def test_fixture_and_test_loops_that_differ_are_explained(pytester: pytest.Pytes
     result.stdout.fnmatch_lines(["*another event loop*give both the same scope*"])
 
 
+ASGI_SERVICE = '''
+"""A downstream ASGI app: POST /<title> adds a task for u_ada in one unit of work."""
+import asyncio
+
+from todo_store import TaskRepo, TodoStore, UserRepo
+
+
+class App:
+    def __init__(self, store: TodoStore) -> None:
+        self.store = store
+        self.holding = asyncio.Event()  # /hold is inside its unit of work
+        self.release = asyncio.Event()  # lets /hold finish
+
+    async def __call__(self, scope, receive, send):
+        title = scope["path"].strip("/")
+        if title == "fail":
+            await self.holding.wait()
+            raise ValueError("bad request")
+        async with self.store.session() as session:
+            await UserRepo(session).upsert("u_ada", email="ada@example.com", name="Ada")
+            await TaskRepo(session).create("u_ada", title=title)
+            if title == "hold":
+                self.holding.set()
+                await self.release.wait()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+'''
+
+ASGI_SERVICE_TESTS = """
+import asyncio
+
+import httpx
+import pytest
+from todo_store import TaskRepo, TodoStore, UserNotFound, UserRepo
+
+from asgi_service import App
+
+
+def client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+async def count(store):
+    async with store.session() as session:
+        return await TaskRepo(session).count_for("u_ada")
+
+
+@pytest.mark.asyncio
+async def test_requests_sent_at_once(todo_store):
+    async with client(App(todo_store)) as http:
+        replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
+    assert [reply.status_code for reply in replies] == [201] * 10
+    assert await count(todo_store) == 10
+
+
+@pytest.mark.asyncio
+async def test_a_request_fails_while_another_is_in_its_unit_of_work(todo_store):
+    app = App(todo_store)
+    async with client(app) as http:
+        with pytest.raises(ValueError, match="bad request"):
+            await asyncio.gather(http.post("/hold"), http.post("/fail"))
+    app.release.set()  # /hold is still running: the fixture waits for it after the test
+
+
+@pytest.mark.asyncio
+@pytest.mark.todo_store_database
+async def test_requests_sent_at_once_commit_for_real(todo_store, todo_store_database):
+    async with client(App(todo_store)) as http:
+        replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
+    assert [reply.status_code for reply in replies] == [201] * 10
+    async with TodoStore(todo_store_database) as other:
+        assert await count(other) == 10
+
+
+@pytest.mark.asyncio
+@pytest.mark.todo_store_database
+async def test_each_marked_test_starts_from_an_empty_database(todo_store):
+    assert await count(todo_store) == 0
+
+
+@pytest.mark.asyncio
+async def test_commit_of_the_test_connection_is_refused(todo_store):
+    async with todo_store.session() as session:
+        await UserRepo(session).upsert("u_bob", email="bob@example.com", name="Bob")
+        await (await session.connection()).commit()
+
+
+@pytest.mark.asyncio
+async def test_nothing_was_committed(todo_store_settings):
+    async with TodoStore(todo_store_settings) as store, store.session() as session:
+        for user_id in ("u_ada", "u_bob"):
+            with pytest.raises(UserNotFound):
+                await UserRepo(session).get(user_id)
+"""
+
+
+def test_downstream_asgi_app_under_concurrent_requests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(asgi_service=ASGI_SERVICE, test_asgi=ASGI_SERVICE_TESTS)
+    result = pytester.runpytest_subprocess(*STRICT, "-v")
+    result.assert_outcomes(passed=5, failed=1)  # and no errors: nothing failed in teardown
+    result.stdout.fnmatch_lines(
+        ["*test_commit_of_the_test_connection_is_refused FAILED*"], consecutive=False
+    )
+    result.stdout.fnmatch_lines(["*RuntimeError: this connection holds the test's transaction*"])
+    result.stdout.no_fnmatch_line("*another operation is in progress*")
+
+
 APP_ALEMBIC_INI = """\
 [alembic]
 script_location = todo_store:_alembic
