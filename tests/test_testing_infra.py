@@ -17,6 +17,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
 
+from tests.rigs.proxy import ProxyStats, RoundTripProxy
+from tests.rigs.wire import SYNC, bind, exchange, execute, parse
 from todo_store.testing.pgbouncer import (
     TRACKING_BINARY_ENV,
     PgBouncer,
@@ -31,8 +33,6 @@ from todo_store.testing.postgres import (
     drop_database,
     server_from_url,
 )
-from todo_store.testing.proxy import ProxyStats, RoundTripProxy
-from todo_store.testing.wire import SYNC, bind, exchange, execute, parse
 
 
 def _unique_name(prefix: str) -> str:

@@ -44,7 +44,7 @@ from todo_store.pooler import PoolerFindings
 from todo_store.pooler import probe as probe_pooler
 from todo_store.schema_checks import SCHEMA_CHECKS, UPGRADE_HINT, CheckResult, run_schema_checks
 from todo_store.settings import Settings
-from todo_store.urls import InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
+from todo_store.urls import LOCAL_HOSTS, InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
 
 __all__ = [
     "EXIT_CONFIG",
@@ -68,7 +68,6 @@ __all__ = [
     "upgrade_hint",
 ]
 
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MIN_SERVER_VERSION = 110000  # EXECUTE FUNCTION in the trigger needs PostgreSQL 11
 _RTT_SAMPLES = 5
 _REDACTED_PASSWORD_MIN = 4
@@ -191,7 +190,7 @@ def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> 
     ssl_arg = to_asyncpg(raw_url).connect_args.get("ssl")
     url_requires = isinstance(ssl_arg, ssl.SSLContext) or ssl_arg == "require"
     host = make_url(raw_url).host
-    local = host is None or host in _LOCAL_HOSTS
+    local = host is None or host in LOCAL_HOSTS
     server_leg = f"TLS {tls_version}" if server_leg_ssl else "no TLS"
     client = "required by the URL" if url_requires else "not required by the URL"
     detail = f"server leg {server_leg}; client leg {client}"
