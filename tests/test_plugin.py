@@ -384,10 +384,10 @@ def test_fixture_and_test_loops_that_differ_are_explained(pytester: pytest.Pytes
 
 
 ASGI_SERVICE = '''
-"""A downstream ASGI app: POST /<title> adds a task for u_ada in one unit of work."""
+"""A downstream ASGI app: POST /<title> adds a task for u_ada in a unit of work of its own."""
 import asyncio
 
-from todo_store import TaskRepo, TodoStore, UserRepo
+from todo_store import TaskRepo, TodoStore
 
 
 class App:
@@ -402,7 +402,6 @@ class App:
             await self.holding.wait()
             raise ValueError("bad request")
         async with self.store.session() as session:
-            await UserRepo(session).upsert("u_ada", email="ada@example.com", name="Ada")
             await TaskRepo(session).create("u_ada", title=title)
             if title == "hold":
                 self.holding.set()
@@ -430,9 +429,15 @@ async def count(store):
         return await TaskRepo(session).count_for("u_ada")
 
 
+async def app_for_ada(store):
+    async with store.session() as session:
+        await UserRepo(session).upsert("u_ada", email="ada@example.com", name="Ada")
+    return App(store)
+
+
 @pytest.mark.asyncio
 async def test_requests_sent_at_once(todo_store):
-    async with client(App(todo_store)) as http:
+    async with client(await app_for_ada(todo_store)) as http:
         replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
     assert [reply.status_code for reply in replies] == [201] * 10
     assert await count(todo_store) == 10
@@ -440,7 +445,7 @@ async def test_requests_sent_at_once(todo_store):
 
 @pytest.mark.asyncio
 async def test_a_request_fails_while_another_is_in_its_unit_of_work(todo_store):
-    app = App(todo_store)
+    app = await app_for_ada(todo_store)
     async with client(app) as http:
         with pytest.raises(ValueError, match="bad request"):
             await asyncio.gather(http.post("/hold"), http.post("/fail"))
@@ -450,7 +455,7 @@ async def test_a_request_fails_while_another_is_in_its_unit_of_work(todo_store):
 @pytest.mark.asyncio
 @pytest.mark.todo_store_database
 async def test_requests_sent_at_once_commit_for_real(todo_store, todo_store_database):
-    async with client(App(todo_store)) as http:
+    async with client(await app_for_ada(todo_store)) as http:
         replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
     assert [reply.status_code for reply in replies] == [201] * 10
     async with TodoStore(todo_store_database) as other:

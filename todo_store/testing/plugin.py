@@ -10,8 +10,10 @@ Fixtures that need no event loop (they work with or without pytest-asyncio):
 - `todo_store_server`: the PostgreSQL server of this run (see `postgres.provision_server`).
 - `todo_store_settings`: `Settings` for a fresh database of this run, migrated to head (with
   the application's own revisions when the project's root holds an `alembic.ini`).
-- `todo_store_database`: `Settings` for a database of the test's own, copied from a migrated
-  template (`CREATE DATABASE … TEMPLATE`) before the test and dropped after it.
+- `todo_store_template`: the name of this run's migrated template database, which the two
+  above are copied from (`CREATE DATABASE … TEMPLATE`): migrations run once per run.
+- `todo_store_database`: `Settings` for a database of the test's own, copied from the
+  template before the test and dropped after it.
 - `todo_store_pgbouncer`: a PgBouncer in transaction mode (pool of 4) in front of that
   database. Skipped where PgBouncer cannot run, unless `TODO_STORE_REQUIRE_PGBOUNCER=1`.
 
