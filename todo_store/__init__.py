@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         TodoStoreError,
         TransactionConflict,
         UserNotFound,
+        VersionConflict,
     )
     from todo_store.models import Base, Task, User
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
@@ -67,6 +68,7 @@ _HOMES = {
     "TodoStoreError": "errors",
     "TransactionConflict": "errors",
     "UserNotFound": "errors",
+    "VersionConflict": "errors",
     "Base": "models",
     "Task": "models",
     "User": "models",
@@ -115,6 +117,7 @@ __all__ = [
     "UserRecord",
     "UserRepo",
     "UserUpsert",
+    "VersionConflict",
     "__version__",
     "create_engine",
     "create_sessionmaker",

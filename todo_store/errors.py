@@ -11,6 +11,7 @@ What a caller can do with each error:
 |---|---|---|
 | `NotFoundError` (`TaskNotFound`, `UserNotFound`) | no such row for this caller | no |
 | `ConflictError` (`EmailTaken`, `DuplicateKey`) | a uniqueness rule refused the write | no |
+| `VersionConflict` (a `ConflictError`) | the task changed since the expected version | re-read |
 | `InvalidData` | a CHECK / NOT NULL rule refused a value | no |
 | `SchemaNotReady` | a table or column is missing: migrate | after migrating |
 | `TransactionConflict` | serialization failure or deadlock | the whole unit of work |
@@ -66,6 +67,21 @@ class DuplicateKey(ConflictError):
     def __init__(self, constraint: str | None) -> None:
         super().__init__(f"duplicate key (constraint {constraint or 'unknown'})")
         self.constraint = constraint
+
+
+class VersionConflict(ConflictError):
+    """The task has moved on from the version the caller expected; nothing was changed.
+
+    `current_version` is the version the task has now: re-read it, merge, and write again
+    with that version (or show the conflict to the user).
+    """
+
+    def __init__(self, user_id: str, task_id: int, *, expected: int, current: int) -> None:
+        super().__init__(f"task {task_id} is at version {current}, not {expected}")
+        self.user_id = user_id
+        self.task_id = task_id
+        self.expected_version = expected
+        self.current_version = current
 
 
 class InvalidData(TodoStoreError, ValueError):
