@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         EmailTaken,
         InvalidData,
         NotFoundError,
+        RowNotFound,
         SchemaNotReady,
         TaskNotFound,
         TodoStoreError,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
         VersionConflict,
     )
     from todo_store.models import Base, Task, User
-    from todo_store.repositories import UNSET, TaskRepo, UserRepo
+    from todo_store.repositories import UNSET, OwnedRepo, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
         TaskPatch,
@@ -64,6 +65,7 @@ _HOMES = {
     "InvalidData": "errors",
     "NotFoundError": "errors",
     "SchemaNotReady": "errors",
+    "RowNotFound": "errors",
     "TaskNotFound": "errors",
     "TodoStoreError": "errors",
     "TransactionConflict": "errors",
@@ -73,6 +75,7 @@ _HOMES = {
     "Task": "models",
     "User": "models",
     "UNSET": "repositories",
+    "OwnedRepo": "repositories",
     "TaskRepo": "repositories",
     "UserRepo": "repositories",
     "TaskCreate": "schemas",
@@ -98,6 +101,8 @@ __all__ = [
     "EmailTaken",
     "InvalidData",
     "NotFoundError",
+    "OwnedRepo",
+    "RowNotFound",
     "SchemaNotReady",
     "Settings",
     "Task",

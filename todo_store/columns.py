@@ -17,7 +17,7 @@ A `Shape` holds:
   where the column is nullable); each field's rule comes from the column's type (integer
   ranges, string lengths, no NUL characters, time zones, enum values), strict like every
   other input, and an unknown keyword is an error naming it;
-- the statements built from those columns, each built once per shape.
+- the statements built from those columns, each built once per shape (`built`).
 """
 
 from __future__ import annotations
@@ -132,6 +132,13 @@ def input_model(name: str, columns: Collection[Column[Any]], *, partial: bool) -
     return cast(type[BaseModel], create_model(name, __config__=_INPUT_CONFIG, **fields))
 
 
+def key_model(column: Column[Any], field: str) -> type[BaseModel]:
+    """A strict input model of one required field, `field`, validated as `column`'s values."""
+    rule = (_rule(column.type), Field(..., alias=field))
+    model: type[BaseModel] = create_model(field, __config__=_INPUT_CONFIG, value=rule)
+    return model
+
+
 def values(model: type[BaseModel], given: Mapping[str, Any]) -> dict[str, Any]:
     """The given values validated by `model`, by column name (only those given)."""
     validated = model.model_validate(given)
@@ -170,6 +177,12 @@ class ReadOnlyRecord:
         raise AttributeError(f"{type(self).__name__} is read-only (tried to set {field!r})")
 
 
+def read_only(record: type[R], shown: tuple[str, ...]) -> type[R]:
+    """`record` (an application's NamedTuple) with `ReadOnlyRecord`'s repr and rules."""
+    body = {"__slots__": (), "_shown": shown, "__module__": record.__module__}
+    return cast(type[R], type(record.__name__, (ReadOnlyRecord, record), body))
+
+
 def plain_record(name: str, names: tuple[str, ...], shown: tuple[str, ...]) -> type[Any]:
     """A record class for an application's table, its fields `names`, its repr `shown`."""
     plain = namedtuple(name, names)  # type: ignore[misc]
@@ -196,7 +209,8 @@ class Shape(Generic[R]):
         self.writable = tuple(column.name for column in writable)
         self.required = tuple(column.name for column in writable if not _has_default(column))
         self.create_model = input_model(f"{table.name} values", writable, partial=False)
-        self.update_model = input_model(f"{table.name} changes", writable, partial=True)
+        changeable = [column for column in writable if not column.primary_key]
+        self.update_model = input_model(f"{table.name} changes", changeable, partial=True)
         self._statements: dict[Hashable, Any] = {}
 
     def create_values(self, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,9 +223,9 @@ class Shape(Generic[R]):
         """`given` validated as changes to a row, by column name."""
         return values(self.update_model, given) if given else {}
 
-    def statement(self, build: Callable[..., S], *args: Hashable) -> S:
-        """`build(columns, *args)`, built once per shape: SQLAlchemy's compiled cache then
-        serves every call without rebuilding the statement or its cache key."""
+    def built(self, build: Callable[..., S], *args: Hashable) -> S:
+        """`build(columns, *args)` (a statement, mostly), built once per shape: SQLAlchemy's
+        compiled cache then serves every call without rebuilding a statement or its key."""
         key = (build, *args)
         statement = self._statements.get(key)
         if statement is None:

@@ -39,6 +39,16 @@ class TaskNotFound(NotFoundError):
         self.task_id = task_id
 
 
+class RowNotFound(NotFoundError):
+    """A row of an application's user-owned table (`OwnedRepo`) missing for this caller."""
+
+    def __init__(self, table: str, user_id: str, row_id: object) -> None:
+        super().__init__(f"{table} row {row_id!r} not found for user {user_id!r}")
+        self.table = table
+        self.user_id = user_id
+        self.row_id = row_id
+
+
 class UserNotFound(NotFoundError):
     def __init__(self, user_id: str | None = None, *, email: str | None = None) -> None:
         if user_id is not None:
@@ -163,6 +173,11 @@ _AUTH_CLASS = "28"  # invalid authorization: wrong user or password
 _UNKNOWN_DATABASE = "3D000"
 REJECTED_LOGIN = frozenset({"28000", "28P01", _UNKNOWN_DATABASE})
 
+OWNER_KEYS: set[str] = {"fk_tasks_user_id_users"}
+"""Foreign keys from a table's owner column to `users.id`, ON DELETE CASCADE (so only a write
+can violate one): a violation means the owning user does not exist. `OwnedRepo` subclasses
+add their table's."""
+
 
 def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoStoreError:
     """Map one server error (SQLSTATE, constraint name) to the package's exception.
@@ -172,7 +187,7 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
     """
     if sqlstate == _UNIQUE_VIOLATION:
         return EmailTaken() if constraint == "uq_users_email" else DuplicateKey(constraint)
-    if sqlstate == _FOREIGN_KEY_VIOLATION and constraint == "fk_tasks_user_id_users":
+    if sqlstate == _FOREIGN_KEY_VIOLATION and constraint in OWNER_KEYS:
         return UserNotFound()
     if sqlstate in _CHECK_AND_NOT_NULL:
         return InvalidData(constraint)
