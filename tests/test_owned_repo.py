@@ -94,12 +94,11 @@ def statements_on(tag_store: TodoStore) -> Iterator[StatementLog]:
 @pytest.fixture
 async def session(tag_store: TodoStore) -> AsyncIterator[AsyncSession]:
     """A session rolled back after the test, with users `ann` and `bob`."""
-    async with tag_store.session() as session:
-        async with session.begin_nested() as savepoint:
-            await UserRepo(session).upsert("ann", email="ann@example.com", name="Ann")
-            await UserRepo(session).upsert("bob", email="bob@example.com", name="Bob")
-            yield session
-            await savepoint.rollback()
+    async with tag_store.session() as session, session.begin_nested() as savepoint:
+        await UserRepo(session).upsert("ann", email="ann@example.com", name="Ann")
+        await UserRepo(session).upsert("bob", email="bob@example.com", name="Bob")
+        yield session
+        await savepoint.rollback()
 
 
 async def test_rows_are_created_read_updated_and_deleted_per_user(session: AsyncSession) -> None:
