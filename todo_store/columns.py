@@ -33,6 +33,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -55,6 +56,10 @@ _INPUT_CONFIG = ConfigDict(
 )
 
 
+def _int_to_decimal(value: object) -> object:
+    return decimal.Decimal(value) if type(value) is int else value
+
+
 def _integer(maximum: int) -> Any:
     return Annotated[int, Field(strict=True, ge=-maximum - 1, le=maximum)]
 
@@ -65,7 +70,7 @@ _SIMPLE_RULES: tuple[tuple[type[types.TypeEngine[Any]], Any], ...] = (
     (types.SmallInteger, _integer(SMALLINT_MAX)),
     (types.BigInteger, _integer(BIGINT_MAX)),
     (types.Integer, _integer(INTEGER_MAX)),
-    (types.Float, Annotated[float, Field(strict=False, allow_inf_nan=False)]),
+    (types.Float, Annotated[float, Field(strict=True, allow_inf_nan=False)]),
     (types.Date, dt.date),
     (types.Time, dt.time),
     (types.Interval, dt.timedelta),
@@ -86,8 +91,9 @@ def _rule(column_type: types.TypeEngine[Any]) -> Any:
     if isinstance(column_type, types.Numeric):  # after Float, which is a Numeric
         return Annotated[
             decimal.Decimal,
+            BeforeValidator(_int_to_decimal),  # an int is a fine Decimal; "1.5" is not
             Field(
-                strict=False,  # an int is a fine Decimal
+                strict=True,
                 max_digits=column_type.precision,
                 decimal_places=column_type.scale,
                 allow_inf_nan=False,
