@@ -32,7 +32,8 @@ if TYPE_CHECKING:
         VersionConflict,
     )
     from todo_store.models import Base, Task, User
-    from todo_store.repositories import UNSET, OwnedRepo, TaskRepo, UserRepo
+    from todo_store.owned import OwnedRepo
+    from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
         TaskPatch,
@@ -75,7 +76,7 @@ _HOMES = {
     "Task": "models",
     "User": "models",
     "UNSET": "repositories",
-    "OwnedRepo": "repositories",
+    "OwnedRepo": "owned",
     "TaskRepo": "repositories",
     "UserRepo": "repositories",
     "TaskCreate": "schemas",
