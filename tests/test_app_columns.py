@@ -30,6 +30,8 @@ ORDER = sys.argv[1]
 if ORDER == "models first":
     import app_models  # noqa: F401
 
+from sqlalchemy import event
+
 from todo_store import TaskRecord, TaskRepo, TodoStore, UserRepo
 
 
@@ -49,6 +51,12 @@ async def main():
                 seen["fields before"] = list(before._fields)
                 import app_models  # noqa: F401
 
+            sent = []
+            event.listen(
+                store.engine.sync_engine,
+                "before_cursor_execute",
+                lambda *args: sent.append(args[2]),
+            )
             task = await tasks.create("u_app", title="Buy milk", priority=3)
             seen["created"] = task.priority
             seen["is a TaskRecord"] = isinstance(task, TaskRecord)
@@ -56,6 +64,7 @@ async def main():
             seen["default"] = (await tasks.create("u_app", title="plain")).priority
             updated = await tasks.update("u_app", task.id, priority=5, title="Buy oat milk")
             seen["updated"] = [updated.priority, updated.title, updated.version]
+            seen["statements"] = len(sent)  # create, create, update: one each
             seen["listed"] = [t.priority for t in await tasks.list_for("u_app")]
             seen["read"] = (await tasks.get("u_app", task.id)).priority
             errors = {}
@@ -70,6 +79,17 @@ async def main():
                 except ValidationError as error:
                     errors[label] = [list(e["loc"]) for e in error.errors()]
             seen["errors"] = errors
+            seen["statements after refusals"] = len(sent) - 3 - 2  # list_for and get
+            user = await UserRepo(session).upsert(
+                "u_app", email="app@example.com", name="App", locale="fr-CA"
+            )
+            seen["locale"] = [user.locale, (await UserRepo(session).get("u_app")).locale]
+            try:
+                await UserRepo(session).upsert(
+                    "u_app", email="app@example.com", name="App", locale="x" * 11
+                )
+            except ValidationError as error:
+                seen["locale refused"] = [list(e["loc"]) for e in error.errors()]
             try:
                 task.priority = 1
             except AttributeError as error:
@@ -86,12 +106,54 @@ asyncio.run(main())
 '''
 
 
+LOCALE_MODELS = """
+Table("users", Base.metadata, Column("locale", String(10), nullable=True), extend_existing=True)
+"""
+
+LOCALE_REVISION = '''\
+"""Users get a locale.
+
+Revision ID: 1002
+Revises: 1001
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "1002"
+down_revision = "1001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("users", sa.Column("locale", sa.String(length=10), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("users", "locale")
+'''
+
+
+def with_locale(app: Path) -> None:
+    """The application also adds `users.locale`, with a revision of its own."""
+    models = app / "app_models.py"
+    source = models.read_text().replace("SmallInteger, Table", "SmallInteger, String, Table")
+    models.write_text(
+        source.replace(
+            "metadata = Base.metadata", LOCALE_MODELS.strip() + "\nmetadata = Base.metadata"
+        )
+    )
+    (app / "migrations" / "1002_user_locale.py").write_text(LOCALE_REVISION)
+
+
 @pytest.mark.parametrize("order", ["models first", "package first"])
 async def test_the_applications_column_in_either_import_order(
     empty_database: str, tmp_path: Path, order: str
 ) -> None:
     app = tmp_path / "app"
     make_app(app)
+    with_locale(app)
     (app / "exercise.py").write_text(EXERCISE)
     migrated = await todo_store(app, "migrate", database_url=empty_database)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
@@ -113,6 +175,10 @@ async def test_the_applications_column_in_either_import_order(
         "is a TaskRecord": True,
         "default": 0,
         "updated": [5, "Buy oat milk", 2],
+        "statements": 3,
+        "statements after refusals": 0,
+        "locale": ["fr-CA", "fr-CA"],
+        "locale refused": [["locale"]],
         "read": 5,
         "errors": {
             "text": [["priority"]],
