@@ -171,6 +171,24 @@ async def test_bad_values_are_refused_before_any_sql(
     assert statements_on.statements == []
 
 
+def test_a_repository_needs_a_user_owned_table() -> None:
+    with pytest.raises(TypeError, match="must be the application's Table"):
+
+        class NoTable(OwnedRepo[Any]):
+            pass
+
+    unowned = Table("unowned", MetaData(), Column("id", BigInteger, primary_key=True))
+    with pytest.raises(TypeError, match="needs a 'user_id' column"):
+
+        class Unowned(OwnedRepo[Any]):
+            table = unowned
+
+    class MoreTags(TagRepo):  # a subclass keeps its parent's table
+        pass
+
+    assert MoreTags.table is tags
+
+
 async def test_database_errors_are_the_packages(session: AsyncSession) -> None:
     repo = TagRepo(session)
     await repo.create("ann", name="home")

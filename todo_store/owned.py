@@ -118,6 +118,8 @@ class OwnedRepo(Generic[R]):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("table")
+        if declared is None and "_rows" in dir(cls):
+            return  # a subclass of a repository that named its table: the same table
         table = getattr(declared, "__table__", declared)  # a declarative model or its Table
         if not isinstance(table, Table):
             raise TypeError(f"{cls.__name__}.table must be the application's Table (or model)")
