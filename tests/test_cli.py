@@ -238,6 +238,8 @@ async def test_migrate_says_what_it_applied(empty_database: str, tmp_path: Path)
         "applied 0001: Initial schema: users, tasks, the owner index and the updated_at trigger.",
         "applied 0002: Move the updated_at trigger onto the package's own function,"
         " todo_store_set_updated_at().",
+        "applied 0003: Tasks carry a version that every change increments: edits can say which"
+        " one they saw.",
         f"at head {head}",
     ]
     assert await migrations.current_revision(settings_for(empty_database)) == head
