@@ -41,6 +41,7 @@ from sqlalchemy import CursorResult, select, text, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql import visitors
 
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import (
     AccessRefused,
     Settings,
@@ -50,6 +51,7 @@ from todo_store import (
     TodoStore,
     UserNotFound,
     UserRepo,
+    columns,
     migrations,
     repositories,
 )
@@ -61,10 +63,10 @@ from todo_store.testing.isolation import assert_user_owned
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
-from todo_store.testing.proxy import RoundTripProxy
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
+READ_SETTING = text("SELECT current_setting('todo_store.user_id', true)")
 HOSTILE_IDS = [
     "u1' OR true --",
     "u1\\' OR true --",
@@ -243,7 +245,8 @@ async def test_a_binding_never_outlives_its_unit(runtime: TodoStore, pair: Pair)
 
 @contextlib.contextmanager
 def _owner_filters_removed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every TaskRepo statement without its `user_id = :owner` condition (a mutant)."""
+    """Every TaskRepo statement without its `user_id = :owner` condition (a mutant): the ones
+    built once per record shape, and the module's own."""
     owner = repositories._OWNER  # the mutant needs the statements' own condition
 
     def drop(element: Any) -> Any:
@@ -252,14 +255,19 @@ def _owner_filters_removed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def strip(statement: Any) -> Any:
         return visitors.replacement_traverse(statement, {}, drop)
 
+    built = columns.Shape.built
+
+    def built_without_owner(self: Any, build: Any, *args: Any) -> Any:
+        return strip(built(self, build, *args))
+
+    monkeypatch.setattr(columns.Shape, "built", built_without_owner)
     for name in dir(repositories):
         value = getattr(repositories, name)
         if name.startswith("_") and name.isupper():
             if isinstance(value, dict):
                 monkeypatch.setattr(repositories, name, {k: strip(v) for k, v in value.items()})
-            elif hasattr(value, "whereclause") or name == "_THE_TASK":
+            elif hasattr(value, "whereclause"):
                 monkeypatch.setattr(repositories, name, strip(value))
-    monkeypatch.setattr(repositories, "_UPDATES", {})
     yield
 
 
@@ -391,10 +399,12 @@ async def test_the_fixture_runs_bound_units_enforced(todo_store: IsolatedTodoSto
             with pytest.raises(AccessRefused):
                 async with session.begin_nested():
                     await TaskRepo(session).create("u_b", title="planted")
-            nested_setting = text("SELECT current_setting(:s, true)")
-            async with todo_store.session(user_id="u_b") as inner:
-                assert await inner.scalar(nested_setting, {"s": USER_SETTING}) == "u_b"
-            assert await session.scalar(nested_setting, {"s": USER_SETTING}) == "u_a"
+            assert await session.scalar(READ_SETTING) == "u_a"
+        async with todo_store.session() as session:  # binding and role restored after the unit
+            setting, role = (
+                await session.execute(text(f"{READ_SETTING.text}, current_user = session_user"))
+            ).one()
+            assert (setting or "", role) == ("", True)
     async with todo_store.session(user_id="u_b", read_only=True) as session:
         assert [task.user_id for task in await TaskRepo(session).list_for("u_a")] == []
     assert (
@@ -437,7 +447,6 @@ PATHS_AND_CACHE = [
     pytest.param("direct", True, id="direct-cache-on"),
     pytest.param(TRACKING, True, id=f"{TRACKING}-cache-on", marks=_BOUNCER),
 ]
-READ_SETTING = text("SELECT current_setting('todo_store.user_id', true)")
 
 
 def _target(request: pytest.FixtureRequest, path: str, settings: Settings) -> str:

@@ -10,7 +10,7 @@ cascades are not subject to row-level security. No role and no password is creat
 `todo-store grant ROLE` gives an existing runtime role its privileges.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-04
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from todo_store.binding import drop_user_ownership, make_user_owned
 
 revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0002"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
