@@ -180,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[with_config],
         help="check the configured database, one line each",
         description="Check the database DATABASE_URL names: connection, server, pooler, TLS, "
-        "round trip, statement caching, revision, drift and the schema's behaviours (in a "
+        "round trip, statement caching, row-level security, revision, drift and the schema's "
+        "behaviours (in a "
         "transaction that is rolled back). One line per check; exit status 0 only if all pass.",
     )
     doctor.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -207,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         "grant",
         help="give an existing role what the application needs at run time (direct URL,"
         " as the tables' owner); refuses a role that bypasses row-level security",
+        description="Grant an existing role exactly what the application needs at run time: "
+        "SELECT, INSERT, UPDATE and DELETE on the user-owned tables and USAGE on their "
+        "sequences. Runs over the direct URL as the tables' owner. Refuses a superuser, a role "
+        "with BYPASSRLS or a member of one, and the tables' owner: row-level security would "
+        "not hold them. Put the role in DATABASE_URL afterwards.",
     )
     grant_command.add_argument("role", metavar="ROLE", help="the role in DATABASE_URL")
     grant_command.set_defaults(run=_cmd_grant)
