@@ -483,7 +483,12 @@ class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if span.is_recording():
                 # No status description: the driver's message can quote a row's values.
                 span.set_status(Status(StatusCode.ERROR))
-                driver = next((e for e in _causes(error) if getattr(e, "sqlstate", None)), error)
+                # The innermost error with a SQLSTATE is the driver's own (SQLAlchemy's adapter
+                # copies the SQLSTATE onto its wrapper in some versions).
+                driver = error
+                for cause in _causes(error):
+                    if getattr(cause, "sqlstate", None):
+                        driver = cause
                 span.set_attribute(ERROR_TYPE, _error_type(driver))
                 sqlstate = getattr(driver, "sqlstate", None)
                 if sqlstate:
