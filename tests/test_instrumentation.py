@@ -302,9 +302,34 @@ async def test_every_engine_is_traced_not_only_the_first(
     assert len(servers) == 2  # PostgreSQL and PgBouncer
 
 
-async def test_uninstrument_removes_everything(store: TodoStore, telemetry: Telemetry) -> None:
+def _listener_counts(store: TodoStore) -> dict[str, int]:
+    engine = store.engine.sync_engine
+    return {
+        "handle_error": len(engine.dialect.dispatch.handle_error),
+        "do_connect": len(engine.dialect.dispatch.do_connect),
+        "before_cursor_execute": len(engine.dispatch.before_cursor_execute),
+        "begin": len(engine.dispatch.begin),
+        "checkout": len(engine.pool.dispatch.checkout),
+        "invalidate": len(engine.pool.dispatch.invalidate),
+    }
+
+
+async def test_uninstrument_removes_everything(
+    store: TodoStore, todo_store_settings: Settings, telemetry: Telemetry
+) -> None:
+    """After `uninstrument()` the code that runs is the package's own: no wrapper, no event
+    listener, no patched pool method (so its calls cost what they cost without the extra)."""
+    instrumented = _listener_counts(store)
     TodoStoreInstrumentor().uninstrument()
     try:
+        for owner, name in [(TodoStore, "__init__"), (TodoStore, "session"), (TodoStore, "run")]:
+            assert not type(vars(owner)[name]).__module__.startswith("wrapt"), name
+        for repo in (TaskRepo, UserRepo):
+            for name, method in vars(repo).items():
+                assert not type(method).__module__.startswith("wrapt"), f"{repo.__name__}.{name}"
+        assert "connect" not in vars(store.engine.pool)
+        async with TodoStore(todo_store_settings) as plain:
+            assert _listener_counts(store) == _listener_counts(plain) != instrumented
         async with store.session() as session:
             await TaskRepo(session).count_for("nobody")
         assert telemetry.finished() == []
