@@ -127,16 +127,18 @@ async def run(args: argparse.Namespace) -> None:
         f"{args.rounds} rounds x {args.units} units per call and mode, pool of 1, sequential; "
         "median CPU per unit of work (client process) and ops/s\n"
     )
-    print("| call | mode | CPU µs/unit | vs off | ops/s | vs off |")
+    print("| call | mode | CPU µs/unit (min-max) | vs off | ops/s | vs off |")
     print("|---|---|---|---|---|---|")
     for call_name in CALLS:
         base_cpu = statistics.median(cpu[(call_name, "off")])
         base_rate = statistics.median(rate[(call_name, "off")])
         for mode in MODES:
-            c = statistics.median(cpu[(call_name, mode)])
+            samples = cpu[(call_name, mode)]
+            c = statistics.median(samples)
             r = statistics.median(rate[(call_name, mode)])
             print(
-                f"| {call_name} | {mode} | {c * 1e6:,.0f} | {(c - base_cpu) * 1e6:+,.0f} µs "
+                f"| {call_name} | {mode} | {c * 1e6:,.0f} ({min(samples) * 1e6:,.0f}-"
+                f"{max(samples) * 1e6:,.0f}) | {(c - base_cpu) * 1e6:+,.0f} µs "
                 f"| {r:,.0f} | {(r / base_rate - 1) * 100:+.0f}% |"
             )
 

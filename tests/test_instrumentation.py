@@ -46,7 +46,9 @@ from todo_store import (
     TodoStore,
     UserRepo,
 )
+from todo_store.engine import create_engine
 from todo_store.instrumentation import TodoStoreInstrumentor
+from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import ProvisionedServer
 
@@ -301,6 +303,38 @@ async def test_every_engine_is_traced_not_only_the_first(
         if count.attributes is not None
     }
     assert len(servers) == 2  # PostgreSQL and PgBouncer
+
+
+class _StoreWithAReplica(TodoStore):
+    """A store that holds a second engine, as a store with a read replica does."""
+
+    def __init__(self, settings: Settings, replica_url: str) -> None:
+        super().__init__(settings)
+        self.replicas = [create_engine(settings_for(replica_url))]
+
+    async def dispose(self) -> None:
+        for replica in self.replicas:
+            await replica.dispose()
+        await super().dispose()
+
+
+async def test_engines_the_store_holds_are_traced_too(
+    todo_store_settings: Settings, todo_store_pgbouncer: PgBouncer, telemetry: Telemetry
+) -> None:
+    async with _StoreWithAReplica(todo_store_settings, todo_store_pgbouncer.url) as store:
+        async with store.session():  # the first unit of work finds the engine the subclass added
+            pass
+        telemetry.spans.clear()
+        async with store.replicas[0].connect() as connection:
+            await connection.execute(text("SELECT 1"))
+            points = telemetry.points("db.client.connection.count")
+    assert [span.name.split()[0] for span in telemetry.finished()] == ["SELECT"]
+    used = {
+        point.attributes["todo_store.pool.role"]: point.value
+        for point in points
+        if point.attributes["db.client.connection.state"] == "used"
+    }
+    assert used == {"primary": 0, "replica": 1}
 
 
 def _listener_counts(store: TodoStore) -> dict[str, int]:

@@ -182,6 +182,7 @@ class _EngineState:
 class _StoreState:
     primary: Engine
     statement_cache: bool
+    had_a_unit: bool = False
 
 
 class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -352,14 +353,20 @@ class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrapped(*args, **kwargs)
         primary = _root(instance.engine.sync_engine)
         statement_cache = bool(getattr(instance.settings, "statement_cache", False))
-        self._stores[instance] = _StoreState(primary, statement_cache)
+        store = _StoreState(primary, statement_cache)
+        self._stores[instance] = store
         self._trace_engine(primary, "primary", statement_cache)
-        # Replicas (or any other engine the store holds): traced now, so that their connects
-        # and warm-up are measured too. Engines made later are traced at their first unit.
+        self._trace_held_engines(instance, store)
+
+    def _trace_held_engines(self, instance: TodoStore, store: _StoreState) -> None:
+        """Trace the other engines the store holds (replicas), as `replica`: when it is created,
+        so that their connects and warm-up are measured, and again at its first unit of work,
+        for engines a subclass adds after `TodoStore.__init__`. An engine a unit of work runs
+        on is traced then at the latest (`_unit_engine`)."""
         for engine in _engines_held_by(instance):
             root = _root(engine.sync_engine)
-            if root is not primary:
-                self._trace_engine(root, "replica", statement_cache)
+            if root is not store.primary:
+                self._trace_engine(root, "replica", store.statement_cache)
 
     def _trace_engine(self, engine: Engine, role: str, statement_cache: bool) -> _EngineState:
         known = self._engines.get(engine)
@@ -505,6 +512,9 @@ class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         store = self._stores.get(instance)
         if store is None or not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
+        if not store.had_a_unit:
+            store.had_a_unit = True
+            self._trace_held_engines(instance, store)
         return _TracedUnit(self, store, wrapped(*args, **kwargs), kwargs)
 
     async def _traced_run(
