@@ -31,7 +31,17 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from sqlalchemy import event, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Identity,
+    MetaData,
+    String,
+    Table,
+    event,
+    text,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from wrapt import FunctionWrapper
@@ -40,14 +50,17 @@ from todo_store import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
     EmailTaken,
+    OwnedRepo,
     Settings,
     TaskNotFound,
     TaskRepo,
     TodoStore,
     UserRepo,
+    migrations,
 )
 from todo_store.engine import create_engine
 from todo_store.instrumentation import TodoStoreInstrumentor
+from todo_store.models import User
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import ProvisionedServer
@@ -303,6 +316,42 @@ async def test_every_engine_is_traced_not_only_the_first(
         if count.attributes is not None
     }
     assert len(servers) == 2  # PostgreSQL and PgBouncer
+
+
+_tags = Table(
+    "tags",
+    MetaData(),
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("user_id", ForeignKey(User.__table__.c.id, ondelete="CASCADE"), nullable=False),
+    Column("name", String(40), nullable=False),
+)
+
+
+class TagRepo(OwnedRepo[Any]):
+    table = _tags
+
+
+async def test_an_applications_own_repository_is_traced_by_its_name(
+    empty_database: str, telemetry: Telemetry, new_user_id: str
+) -> None:
+    settings = settings_for(empty_database)
+    await migrations.upgrade(settings)
+    async with TodoStore(settings) as store:
+        async with store.engine.begin() as connection:
+            await connection.run_sync(_tags.metadata.create_all)
+        async with store.session() as session:
+            await UserRepo(session).upsert(
+                new_user_id, email=f"{new_user_id}@example.com", name="A"
+            )
+            await TagRepo(session).create(new_user_id, name="home")
+    spans = telemetry.finished()
+    (create,) = _by_name(spans, "TagRepo.create")
+    assert create.attributes is not None
+    assert create.attributes["db.collection.name"] == "tags"
+    assert create.attributes["db.operation.name"] == "create"
+    (sql,) = _sql_children(spans, create)
+    assert sql.name.startswith("INSERT")
+    assert _parent(spans, create).name == "TodoStore.session"
 
 
 class _StoreWithAReplica(TodoStore):

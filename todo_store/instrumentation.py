@@ -55,11 +55,12 @@ from opentelemetry.instrumentation.sqlalchemy.version import (
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
 from opentelemetry.metrics import Meter, get_meter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, get_tracer
+from sqlalchemy import Table
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from wrapt import wrap_function_wrapper
 
-from todo_store import __version__, repositories
+from todo_store import __version__, owned, repositories
 from todo_store.engine import TodoStore
 from todo_store.engine_telemetry import (
     DB_COLLECTION_NAME,
@@ -87,7 +88,7 @@ ROUND_TRIPS = "todo_store.round_trips"
 RUN_ATTEMPTS = "todo_store.run.attempts"
 RUN_RETRIES = "todo_store.run.retries"
 
-_COLLECTIONS = {"TaskRepo": "tasks", "UserRepo": "users"}
+_COLLECTIONS = {"TaskRepo": "tasks", "UserRepo": "users"}  # OwnedRepo's name their `table`
 
 
 # -- per unit of work -----------------------------------------------------------------------
@@ -151,7 +152,7 @@ class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for repo in _repository_classes():
             for name, method in vars(repo).items():
                 if not name.startswith("_") and inspect.iscoroutinefunction(method):
-                    self._wrap(repo, name, self._repository_call(repo.__name__, name))
+                    self._wrap(repo, name, self._repository_call(name))
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for owner, name in self._wrapped:
@@ -272,16 +273,26 @@ class TodoStoreInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     # -- repository calls ------------------------------------------------------------------
 
-    def _repository_call(self, owner: str, method: str) -> Callable[..., Any]:
-        name = f"{owner}.{method}"
-        static = {DB_SYSTEM_NAME: "postgresql", DB_OPERATION_NAME: method}
-        if owner in _COLLECTIONS:
-            static[DB_COLLECTION_NAME] = _COLLECTIONS[owner]
+    def _repository_call(self, method: str) -> Callable[..., Any]:
+        # Named after the instance's class: `OwnedRepo.get` runs as `TagRepo.get`.
+        labels: dict[type, tuple[str, dict[str, Any]]] = {}
+
+        def label(repo: type) -> tuple[str, dict[str, Any]]:
+            found = labels.get(repo)
+            if found is None:
+                static: dict[str, Any] = {DB_SYSTEM_NAME: "postgresql", DB_OPERATION_NAME: method}
+                collection = _collection(repo)
+                if collection:
+                    static[DB_COLLECTION_NAME] = collection
+                found = labels[repo] = (f"{repo.__name__}.{method}", static)
+            return found
+
         tracer, duration = self._tracer, self._operation_duration
 
-        async def call(wrapped: Callable[..., Any], _instance: Any, args: Any, kwargs: Any) -> Any:
+        async def call(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
             if not is_instrumentation_enabled():
                 return await wrapped(*args, **kwargs)
+            name, static = label(type(instance))
             unit = current_unit.get()
             attributes = {**unit.server, **static} if unit is not None else static
             span = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
@@ -402,14 +413,24 @@ def _class_name(cls: type[BaseException]) -> str:
 
 
 def _repository_classes() -> list[type]:
-    """The repositories: classes of `todo_store.repositories` named `...Repo`."""
+    """The repositories: the classes named `...Repo` that `todo_store.repositories` and
+    `todo_store.owned` define (an application's `OwnedRepo` subclasses inherit the wrapping)."""
     return [
         value
-        for name, value in vars(repositories).items()
-        if isinstance(value, type)
-        and name.endswith("Repo")
-        and value.__module__ == repositories.__name__
+        for module in (repositories, owned)
+        for name, value in vars(module).items()
+        if isinstance(value, type) and name.endswith("Repo") and value.__module__ == module.__name__
     ]
+
+
+def _collection(repo: type) -> str | None:
+    table = getattr(repo, "table", None)
+    if isinstance(table, Table):
+        return table.name
+    for cls in repo.__mro__:
+        if cls.__name__ in _COLLECTIONS:
+            return _COLLECTIONS[cls.__name__]
+    return None
 
 
 def _engines_held_by(store: TodoStore) -> Iterator[AsyncEngine]:
