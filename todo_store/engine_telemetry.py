@@ -295,8 +295,10 @@ class EngineTelemetry:
             started = time.perf_counter()
             try:
                 return original()
-            except sa_exc.TimeoutError:
-                timeouts.add(1, state.pool_attributes)
+            except Exception as error:
+                # The pool's own timeout, however the store reports it to the caller.
+                if any(isinstance(e, sa_exc.TimeoutError) for e in _causes(error)):
+                    timeouts.add(1, state.pool_attributes)
                 raise
             finally:
                 state.pending -= 1
