@@ -25,16 +25,23 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
 
-from todo_store.errors import ConnectionRejected, DatabaseUnavailable, TodoStoreError
+from todo_store.errors import (
+    AUTH_CLASS,
+    UNKNOWN_DATABASE,
+    ConnectionRejected,
+    DatabaseUnavailable,
+    TodoStoreError,
+)
 from todo_store.urls import TlsIntent
 
-__all__ = ["PGBOUNCER_LOGIN_MESSAGES", "explain_connect_failure"]
+__all__ = ["PGBOUNCER_LOGIN_MESSAGES", "driver_error", "explain_connect_failure"]
 
 _CHECK_LOGIN = "check the user name and password in DATABASE_URL"
 _CHECK_DATABASE = "check the database name in DATABASE_URL (the path after the host: /dbname)"
@@ -77,6 +84,23 @@ _TLS_REQUIRED = _Kind(
     advice="the server accepts only TLS connections: use sslmode=require or verify-full",
 )
 _POOLER_BUSY = _Kind(rejected=False, advice=_RETRY)
+_POOLER_FULL = _Kind(
+    rejected=False,
+    advice=(
+        "the pooler is up but admits no more clients (max_client_conn): retry later, and "
+        "lower POOL_SIZE / MAX_OVERFLOW or the number of processes, or raise the pooler's limit"
+    ),
+)
+_POOLER_WAITING = _Kind(
+    rejected=False,
+    advice="the pooler is up but cannot reach the database server (suspended, restarting or "
+    "down): retry later",
+)
+_TLS_REFUSED = (
+    "the server (or pooler) does not offer TLS, and the URL requires it: connect to an "
+    "endpoint with TLS, or, only on a trusted network, use sslmode=disable or prefer"
+)
+_UNKNOWN_HOST = "check the host name in DATABASE_URL (the name does not resolve)"
 
 # PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01, taken from src/client.c,
 # src/objects.c and src/janitor.c of PgBouncer 1.25.2. The tests produce the main ones with
@@ -110,11 +134,11 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
     "no pg_hba.conf entry for": _AUTH,
     "permission denied for database": _AUTH,
     # Transient: the pooler is busy, restarting or cannot reach the server right now.
-    "no more connections allowed": _POOLER_BUSY,  # max_client_conn
-    "client connections exceeded": _POOLER_BUSY,  # max_db/user_client_connections
-    "query_wait_timeout": _POOLER_BUSY,
+    "no more connections allowed": _POOLER_FULL,  # max_client_conn
+    "client connections exceeded": _POOLER_FULL,  # max_db/user_client_connections
+    "query_wait_timeout": _POOLER_WAITING,
     "client_login_timeout": _POOLER_BUSY,
-    "server login has been failing": _POOLER_BUSY,  # server_login_retry, cached error
+    "server login has been failing": _POOLER_WAITING,  # server_login_retry, cached error
     "server shutting down": _POOLER_BUSY,
     "pooler is shutting down": _POOLER_BUSY,
     'database ".*" is disabled': _POOLER_BUSY,  # DISABLE on the admin console
@@ -122,8 +146,6 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
 }
 
 _PROTOCOL_VIOLATION = "08P01"  # PgBouncer's SQLSTATE for everything it reports itself
-_AUTH_CLASS = "28"
-_UNKNOWN_DATABASE_STATE = "3D000"
 _INSUFFICIENT_PRIVILEGE = "42501"  # e.g. CONNECT revoked on the database
 _SETTING_CLASSES = ("22", "42")  # a startup setting the server refuses (bad name or value)
 _HOSTNAME_MISMATCH_CODES = frozenset({62, 64})  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
@@ -139,7 +161,7 @@ def explain_connect_failure(
     """
     if not isinstance(error, Exception) or isinstance(error, TodoStoreError):
         return None
-    cause = _driver_error(error)
+    cause = driver_error(error)
 
     def said(text: str) -> str:
         """A text from the error: one line, password redacted."""
@@ -156,6 +178,12 @@ def explain_connect_failure(
             f"could not connect: the server closed the connection during login "
             f"({said(str(cause))}) — {_RETRY}"
         )
+    if isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_NONAME:
+        return ConnectionRejected(said(str(cause)), _UNKNOWN_HOST)
+    if type(cause) is ConnectionError and cause.errno is None and tls is not None:
+        # asyncpg's own "rejected SSL upgrade": the server answered "no TLS" to a URL that
+        # requires it (a bare ConnectionError; every OS-level one is a subclass with errno).
+        return ConnectionRejected(said(str(cause)), _TLS_REFUSED)
     if isinstance(cause, TimeoutError):  # asyncio's too; before OSError, its base class
         return DatabaseUnavailable(
             f"could not connect: no answer within the connect timeout (connect_timeout) — {_RETRY}"
@@ -165,8 +193,8 @@ def explain_connect_failure(
     return None
 
 
-def _driver_error(error: BaseException) -> BaseException | None:
-    """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping.
+def driver_error(error: BaseException) -> BaseException | None:
+    """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping, or None.
 
     SQLAlchemy 2.1 raises its own `AsyncAdapt_asyncpg_dbapi.Error` from asyncpg's (as
     `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through.
@@ -198,7 +226,7 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
     if sqlstate == _PROTOCOL_VIOLATION:
         return _pooler_error(reason)
-    if sqlstate.startswith(_AUTH_CLASS):
+    if sqlstate.startswith(AUTH_CLASS):
         advice = _CHECK_LOGIN
         if sqlstate == "28000":  # pg_hba.conf: this user/database/host/TLS combination
             advice = (
@@ -206,7 +234,7 @@ def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
                 "check them in DATABASE_URL, and use sslmode=require if it accepts only TLS"
             )
         return ConnectionRejected(reason, advice, sqlstate=sqlstate)
-    if sqlstate == _UNKNOWN_DATABASE_STATE:
+    if sqlstate == UNKNOWN_DATABASE:
         return ConnectionRejected(reason, _CHECK_DATABASE, sqlstate=sqlstate)
     if sqlstate == _INSUFFICIENT_PRIVILEGE:
         advice = "grant the role CONNECT on the database, or use a role that has it"
@@ -223,17 +251,28 @@ def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
 
 
 def _pooler_error(reason: str) -> TodoStoreError:
+    kind = pooler_message_kind(reason)
+    if kind is not None and kind.rejected:
+        advice = _startup_parameter_advice(reason) if kind is _STARTUP_PARAMETER else kind.advice
+        return ConnectionRejected(reason, advice, sqlstate=_PROTOCOL_VIOLATION)
+    advice = kind.advice if kind is not None else _RETRY
+    return DatabaseUnavailable(
+        f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {advice}"
+    )
+
+
+def pooler_message_kind(reason: str) -> _Kind | None:
+    """The entry of `PGBOUNCER_LOGIN_MESSAGES` a PgBouncer message (SQLSTATE 08P01) matches."""
     for pattern, kind in PGBOUNCER_LOGIN_MESSAGES.items():
         if re.match(pattern, reason):
-            if not kind.rejected:
-                break
-            advice = (
-                _startup_parameter_advice(reason) if kind is _STARTUP_PARAMETER else kind.advice
-            )
-            return ConnectionRejected(reason, advice, sqlstate=_PROTOCOL_VIOLATION)
-    return DatabaseUnavailable(
-        f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {_RETRY}"
-    )
+            return kind
+    return None
+
+
+def pooler_cannot_reach_server(reason: str) -> bool:
+    """Whether a PgBouncer message says the pooler is up but its server is not reachable
+    (`server login has been failing`, `query_wait_timeout`): a suspended or down database."""
+    return pooler_message_kind(reason) is _POOLER_WAITING
 
 
 def _startup_parameter_advice(reason: str) -> str:
