@@ -41,7 +41,13 @@ from todo_store.errors import (
 )
 from todo_store.urls import TlsIntent
 
-__all__ = ["PGBOUNCER_LOGIN_MESSAGES", "driver_error", "explain_connect_failure"]
+__all__ = [
+    "PGBOUNCER_LOGIN_MESSAGES",
+    "driver_error",
+    "error_chain",
+    "explain_connect_failure",
+    "pooler_cannot_reach_server",
+]
 
 _CHECK_LOGIN = "check the user name and password in DATABASE_URL"
 _CHECK_DATABASE = "check the database name in DATABASE_URL (the path after the host: /dbname)"
@@ -91,10 +97,15 @@ _POOLER_FULL = _Kind(
         "lower POOL_SIZE / MAX_OVERFLOW or the number of processes, or raise the pooler's limit"
     ),
 )
-_POOLER_WAITING = _Kind(
+_POOLER_NO_SERVER = _Kind(
     rejected=False,
-    advice="the pooler is up but cannot reach the database server (suspended, restarting or "
-    "down): retry later",
+    advice="the pooler is up but cannot log in to the database server (suspended, restarting "
+    "or down): retry later",
+)
+_POOLER_QUEUE = _Kind(
+    rejected=False,
+    advice="the pooler got no free server connection in time (all busy, or the server is "
+    "unreachable): retry later",
 )
 _TLS_REFUSED = (
     "the server (or pooler) does not offer TLS, and the URL requires it: connect to an "
@@ -136,9 +147,9 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
     # Transient: the pooler is busy, restarting or cannot reach the server right now.
     "no more connections allowed": _POOLER_FULL,  # max_client_conn
     "client connections exceeded": _POOLER_FULL,  # max_db/user_client_connections
-    "query_wait_timeout": _POOLER_WAITING,
+    "query_wait_timeout": _POOLER_QUEUE,
     "client_login_timeout": _POOLER_BUSY,
-    "server login has been failing": _POOLER_WAITING,  # server_login_retry, cached error
+    "server login has been failing": _POOLER_NO_SERVER,  # server_login_retry, cached error
     "server shutting down": _POOLER_BUSY,
     "pooler is shutting down": _POOLER_BUSY,
     'database ".*" is disabled': _POOLER_BUSY,  # DISABLE on the admin console
@@ -168,7 +179,9 @@ def explain_connect_failure(
         line = " ".join(text.split())
         return line.replace(password, "***") if password else line
 
-    if isinstance(cause, asyncpg.PostgresError):
+    if isinstance(cause, asyncpg.PostgresError) and not isinstance(
+        cause, asyncpg.ConnectionDoesNotExistError
+    ):
         message = getattr(cause, "message", None) or str(cause)
         return _server_error(cause.sqlstate or "", said(message))
     if isinstance(cause, ssl.SSLCertVerificationError):
@@ -197,17 +210,23 @@ def driver_error(error: BaseException) -> BaseException | None:
     """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping, or None.
 
     SQLAlchemy 2.1 raises its own `AsyncAdapt_asyncpg_dbapi.Error` from asyncpg's (as
-    `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through.
+    `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through. When
+    the server or pooler said why before closing the connection (a FATAL error, PgBouncer's
+    `query_wait_timeout` or `server login has been failing`), asyncpg raises
+    `ConnectionDoesNotExistError` from that error: the server's own error is returned.
     """
-    for candidate in _chain(error):
-        if isinstance(candidate, asyncpg.PostgresError | asyncpg.ConnectionDoesNotExistError):
+    for candidate in error_chain(error):
+        if isinstance(candidate, asyncpg.ConnectionDoesNotExistError):
+            said = candidate.__cause__
+            return said if isinstance(said, asyncpg.PostgresError) else candidate
+        if isinstance(candidate, asyncpg.PostgresError):
             return candidate
         if isinstance(candidate, OSError):  # ssl errors and TimeoutError included
             return candidate
     return None
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def error_chain(error: BaseException) -> Iterator[BaseException]:
     """`error`, then what it wraps (`.orig`, `__cause__`, `__context__`), breadth first."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
@@ -270,9 +289,9 @@ def pooler_message_kind(reason: str) -> _Kind | None:
 
 
 def pooler_cannot_reach_server(reason: str) -> bool:
-    """Whether a PgBouncer message says the pooler is up but its server is not reachable
-    (`server login has been failing`, `query_wait_timeout`): a suspended or down database."""
-    return pooler_message_kind(reason) is _POOLER_WAITING
+    """Whether a PgBouncer message says the pooler is up but cannot log in to its server
+    (`server login has been failing`): a suspended, restarting or down database."""
+    return pooler_message_kind(reason) is _POOLER_NO_SERVER
 
 
 def _startup_parameter_advice(reason: str) -> str:

@@ -35,6 +35,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from todo_store.connect_errors import (
     driver_error,
+    error_chain,
     explain_connect_failure,
     pooler_cannot_reach_server,
 )
@@ -106,7 +107,11 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
     }
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
-    add_store_events(engine, first_connect_timeout=settings.connect_timeout)
+    add_store_events(
+        engine,
+        first_connect_timeout=settings.connect_timeout,
+        statement_timeout=settings.statement_timeout,
+    )
     return engine
 
 
@@ -124,7 +129,9 @@ _LOGGING_NAME = "todo_store"
 logging.getLogger(f"sqlalchemy.engine.Engine.{_LOGGING_NAME}").addFilter(_NoRowLogging())
 
 
-def add_store_events(engine: AsyncEngine, *, first_connect_timeout: float = 10.0) -> None:
+def add_store_events(
+    engine: AsyncEngine, *, first_connect_timeout: float = 10.0, statement_timeout: float = 30.0
+) -> None:
     """Give `engine` the connect, checkout, commit and error handling of this module.
 
     `first_connect_timeout` bounds the engine's first connection, SQLAlchemy's own first
@@ -137,7 +144,10 @@ def add_store_events(engine: AsyncEngine, *, first_connect_timeout: float = 10.0
     event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", _forget_commit)
     event.listen(sync_engine, "commit", _mark_commit)
-    event.listen(sync_engine, "handle_error", _ErrorHook(gate))
+    # A timed-out connection gets this long to close gracefully (its cancel request answered):
+    # 1% of the statement timeout, at least 20 ms, at most 100 ms.
+    close_budget = min(max(statement_timeout * 0.01, 0.02), 0.1)
+    event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -170,8 +180,8 @@ class ConnectGate:
             wait = self._next_attempt - time.monotonic()
             if wait > 0 or self._attempt_in_flight:
                 raise DatabaseUnavailable(
-                    f"{self._reason} — not connecting again yet: {self.failures} attempt(s) in a "
-                    f"row failed; next attempt in {max(wait, 0.0):.2f} s"
+                    f"not connecting yet: the last {self.failures} connect attempt(s) failed, "
+                    f"next attempt in {max(wait, 0.0):.2f} s; last failure: {self._reason}"
                 )
         self._attempt_in_flight = True
 
@@ -272,7 +282,7 @@ class _FirstQueryTimedOut(DatabaseUnavailable):
         super().__init__(
             "could not connect: the login was accepted but the first query got no answer within "
             "the connect timeout (connect_timeout); through a pooler, its database server may be "
-            "suspended, starting or down — retry later"
+            "suspended, starting or down, or every server connection busy — retry later"
         )
 
 
@@ -340,7 +350,7 @@ def _is_disconnect(error: BaseException) -> bool:
     found = _driver_error(error)
     if is_connection_loss(error) or is_connection_loss(found):
         return True
-    if isinstance(found, asyncpg.exceptions.ConnectionDoesNotExistError):
+    if any(isinstance(e, asyncpg.ConnectionDoesNotExistError) for e in error_chain(error)):
         return True
     if isinstance(found, asyncpg.InterfaceError) and "closed" in str(found):
         return True  # asyncpg's "connection is closed": its own fixed text, not the server's
@@ -416,8 +426,23 @@ class _ErrorHook:
     errors of a `pool_pre_ping` are left to SQLAlchemy, which reconnects.
     """
 
-    def __init__(self, gate: ConnectGate) -> None:
+    def __init__(self, gate: ConnectGate, close_budget: float) -> None:
         self.gate = gate
+        self.close_budget = close_budget
+
+    def _close_timed_out(self, context: ExceptionContext) -> None:
+        """Close a timed-out connection within `close_budget`, then drop it.
+
+        asyncpg has already asked the server to cancel the statement; a graceful close waits
+        for that cancel to be answered, which a pooler holding the statement in its queue may
+        never do (SQLAlchemy would wait 2 s more). So the close is bounded, and the timeout
+        the caller set is the time the caller waits.
+        """
+        proxied = context.connection.connection if context.connection is not None else None
+        driver = getattr(proxied, "driver_connection", None)
+        if not isinstance(driver, asyncpg.Connection) or driver.is_closed():
+            return
+        util.await_only(_close_within(driver, self.close_budget))
 
     def __call__(self, context: ExceptionContext) -> None:
         error = context.original_exception
@@ -458,6 +483,7 @@ class _ErrorHook:
                 + " while a write was committing: it may or may not have been applied"
             )
         if timed_out:
+            self._close_timed_out(context)
             log.warning("database statement timed out; connection discarded", extra=event_extra)
             raise DatabaseUnavailable(
                 "timed out waiting for the database (statement timeout, or a busy pooler); "
@@ -472,11 +498,19 @@ class _ErrorHook:
         raise DatabaseUnavailable(f"the database connection was lost: {reason}")
 
 
+async def _close_within(driver: asyncpg.Connection, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(driver.close(), seconds)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        driver.terminate()
+
+
 def _reason(error: BaseException) -> str:
     """A short, parameter-free reason: the server's or pooler's own words where it sent any
     (with the SQLSTATE), else the driver error's type."""
     found = _driver_error(error)
-    message = getattr(found, "message", None) or ""
+    message = getattr(found, "message", None) or (found.args[0] if found.args else "")
+    message = message if isinstance(message, str) else ""
     sqlstate = getattr(found, "sqlstate", None)
     if message and sqlstate:
         return f"{' '.join(message.split())} (SQLSTATE {sqlstate})"
