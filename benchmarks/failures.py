@@ -21,7 +21,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -45,7 +45,7 @@ async def _elapsed(work: Awaitable[object]) -> tuple[float, str]:
     try:
         await work
         outcome = "no error"
-    except Exception as error:  # noqa: BLE001 - the outcome is what is reported
+    except Exception as error:
         outcome = f"{type(error).__name__}: {str(error)[:90]}"
     return time.perf_counter() - started, outcome
 
@@ -55,8 +55,8 @@ def _row(label: str, setting: float, took: float, outcome: str) -> None:
     print(f"| {label} | {setting:g} s | {took:.3f} s | {over * 1000:+.0f} ms | {outcome} |")
 
 
-async def _statement_running(url: str, timeout: float) -> tuple[float, str]:
-    async with TodoStore(_settings(url, statement_timeout=timeout, pool_size=1)) as store:
+async def _statement_running(url: str, seconds: float) -> tuple[float, str]:
+    async with TodoStore(_settings(url, statement_timeout=seconds, pool_size=1)) as store:
         await store.ping()
 
         async def unit() -> None:
@@ -66,11 +66,11 @@ async def _statement_running(url: str, timeout: float) -> tuple[float, str]:
         return await _elapsed(unit())
 
 
-async def _statement_queued(bouncer: PgBouncer, timeout: float) -> tuple[float, str]:
+async def _statement_queued(bouncer: PgBouncer, seconds: float) -> tuple[float, str]:
     """The statement waits in PgBouncer's queue: its only server connection is taken."""
     holder = await asyncpg.connect(bouncer.url, statement_cache_size=0)
     try:
-        async with TodoStore(_settings(bouncer.url, statement_timeout=timeout)) as store:
+        async with TodoStore(_settings(bouncer.url, statement_timeout=seconds)) as store:
             await store.ping()
             transaction = holder.transaction()
             await transaction.start()
@@ -83,17 +83,17 @@ async def _statement_queued(bouncer: PgBouncer, timeout: float) -> tuple[float, 
         await holder.close()
 
 
-async def _first_connect_server_down(bouncer: PgBouncer, timeout: float) -> tuple[float, str]:
-    async with TodoStore(_settings(bouncer.url, connect_timeout=timeout)) as store:
+async def _first_connect_server_down(bouncer: PgBouncer, seconds: float) -> tuple[float, str]:
+    async with TodoStore(_settings(bouncer.url, connect_timeout=seconds)) as store:
         return await _elapsed(store.ping())
 
 
-async def _silent_server(timeout: float) -> tuple[float, str]:
+async def _silent_server(seconds: float) -> tuple[float, str]:
     server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        async with TodoStore(_settings(url, connect_timeout=timeout)) as store:
+        async with TodoStore(_settings(url, connect_timeout=seconds)) as store:
             return await _elapsed(store.ping())
     finally:
         server.close()
@@ -145,7 +145,7 @@ async def _path(url: str, database: str, via: str) -> AsyncIterator[tuple[str, F
 
 
 async def outage(url: str, database: str, via: str, seconds: float) -> None:
-    async with _path(url, database, via) as (target, database_link):
+    async with _path(url, database, via) as (target, database_link):  # noqa: SIM117
         async with Forwarder.in_front_of(target) as logins:
             store = TodoStore(_settings(logins.url_for(target), connect_timeout=2))
             await store.ping()
@@ -195,7 +195,7 @@ async def restart_under_load(url: str, cycles: int) -> None:
             for _ in range(cycles):
                 barrier = asyncio.Barrier(4)
 
-                async def hold() -> int:
+                async def hold(barrier: asyncio.Barrier = barrier) -> int:
                     async with store.session() as session:
                         pid = await session.scalar(text("SELECT pg_backend_pid()"))
                         await barrier.wait()
@@ -234,7 +234,9 @@ async def main(arguments: argparse.Namespace) -> None:
             await timeouts(url, database, arguments.timeouts)
         if "outage" in arguments.only:
             print(f"\n## Outage ({WORKERS} callers calling ping() in a loop)\n")
-            print("| path | outage | calls during it | logins during it | logins/s | first success after |")  # noqa: E501
+            print(
+                "| path | outage | calls during it | logins during it | logins/s | first success after |"
+            )  # noqa: E501
             print("|---|---|---|---|---|---|")
             for via in ("direct", "pgbouncer-1.25"):
                 await outage(url, database, via, arguments.outage)

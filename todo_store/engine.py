@@ -5,7 +5,10 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
 - round trips with caching off: an atomic unit of work of n statements costs 2n + 2 (BEGIN,
   prepare + execute per statement, COMMIT); a non-atomic one (`session(atomic=False)`) 2n;
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
-  all) is replaced at checkout, before any caller code runs, without sending anything;
+  all) is replaced at checkout, before any caller code runs, without sending anything, and
+  only that one: a loss never throws healthy connections away;
+- while connects fail, a process makes at most about one attempt per second (jittered
+  backoff), and callers that need a connection meanwhile get `DatabaseUnavailable` at once;
 - database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,
   `KeyboardInterrupt` and `SystemExit` pass through unchanged, and the connection they
   interrupted is discarded, never returned to the pool in an unknown state.
