@@ -28,7 +28,7 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from benchmarks.outage import Forwarder
+from tests.rigs.outage import Forwarder
 from todo_store import DatabaseUnavailable, Settings, TodoStore
 from todo_store.testing.pgbouncer import PgBouncer, tracking_binary
 from todo_store.testing.postgres import create_database, drop_database, server_from_url
@@ -235,8 +235,9 @@ async def main(arguments: argparse.Namespace) -> None:
         if "outage" in arguments.only:
             print(f"\n## Outage ({WORKERS} callers calling ping() in a loop)\n")
             print(
-                "| path | outage | calls during it | logins during it | logins/s | first success after |"
-            )  # noqa: E501
+                "| path | outage | calls during it | logins during it | logins/s "
+                "| first success after |"
+            )
             print("|---|---|---|---|---|---|")
             for via in ("direct", "pgbouncer-1.25"):
                 await outage(url, database, via, arguments.outage)

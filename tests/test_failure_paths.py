@@ -21,7 +21,8 @@ from conftest import tracking_pgbouncer_binary
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
-from benchmarks.outage import Forwarder
+from tests.rigs.outage import Forwarder
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import (
     CommitOutcomeUnknown,
     ConnectionRejected,
@@ -42,7 +43,6 @@ from todo_store import (
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer, server_from_url
-from todo_store.testing.proxy import RoundTripProxy
 
 POOLERS = [pytest.param(False, id="pgbouncer"), pytest.param(True, id="tracking-pgbouncer")]
 POLL_STEPS = 500
