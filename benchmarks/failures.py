@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tests.rigs.outage import Forwarder
-from todo_store import DatabaseUnavailable, Settings, TodoStore
+from todo_store import DatabaseUnavailable, Settings, TodoStore, TodoStoreError
 from todo_store.testing.pgbouncer import PgBouncer, tracking_binary
 from todo_store.testing.postgres import create_database, drop_database, server_from_url
 
@@ -156,7 +156,7 @@ async def outage(url: str, database: str, via: str, seconds: float) -> None:
                     state["calls"] += 1
                     try:
                         await store.ping()
-                    except DatabaseUnavailable:
+                    except TodoStoreError:  # before: CommitOutcomeUnknown, even for ping()
                         await asyncio.sleep(0.01)  # a service's next request
                         continue
                     if not database_link.is_up or state["first_success"]:
