@@ -288,8 +288,9 @@ async def test_pg_cancel_backend_is_unavailable(
         async def running() -> bool:
             return bool(
                 await admin.fetchval(
+                    # Only once it sleeps: a cancel that lands during Parse cancels nothing.
                     "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                    "WHERE query LIKE $1 AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()",
                     f"%{marker}%",
                 )
             )

@@ -249,7 +249,7 @@ class _Connector:
                 self._first_round_trip(connection, max(remaining, 0.001))
         except _FirstQueryTimedOut as error:
             self.gate.failed(str(error))
-            raise error from None
+            raise DatabaseUnavailable(str(error)) from None
         except Exception as error:
             explained = explain_connect_failure(error, tls=tls, password=cparams.get("password"))
             if explained is None:
