@@ -1,0 +1,102 @@
+"""Indexes for pages of tasks: one per sort, and a trigram index for search where available.
+
+`TaskRepo.page` reads `WHERE user_id = ? [AND (column, id) > (?, ?)] ORDER BY column, id
+LIMIT n` for each sort column (created_at, updated_at, title, completed): an index on
+(user_id, column, id) serves it in order, from the cursor's position, whatever page it is.
+
+Search matches `title || ' ' || coalesce(description, '')` with ILIKE '%word%'. Where the
+`pg_trgm` extension is available (PostgreSQL's contrib; Neon has it), this revision creates it
+if it is missing and may be created (a trusted extension: the database owner may) and adds a
+GIN trigram index on that expression, which finds rare words without reading all of a user's
+tasks. Where it is not (e.g. an embedded server without contrib), search still works, by
+reading the user's tasks in sort order: fine for common words and small lists. The downgrade
+drops the indexes, and the extension only if this revision created it (its comment says so)
+and nothing else has come to depend on it.
+
+Each index costs writes: every insert, and every update (the trigger changes updated_at),
+maintains them. On a large table CREATE INDEX blocks writes to `tasks` while it builds.
+
+Revision ID: 0005
+Revises: 0002
+Create Date: 2026-12-04
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | Sequence[str] | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SORT_INDEXES = {
+    "idx_tasks_user_created": "created_at",
+    "idx_tasks_user_updated": "updated_at",
+    "idx_tasks_user_title": "title",
+    "idx_tasks_user_completed": "completed",
+}
+SEARCH_INDEX = "idx_tasks_search_trgm"
+CREATED_MARK = "trigram matching; created by todo_store revision 0005"
+
+
+def upgrade() -> None:
+    for name, column in SORT_INDEXES.items():
+        op.create_index(name, "tasks", ["user_id", column, "id"])
+    # The operator class is qualified with the extension's schema, which need not be on the
+    # search_path. The expression must stay exactly the one todo_store/pages.py searches.
+    op.execute(
+        f"""
+        DO $migration$
+        DECLARE
+            trgm_schema name;
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')
+               AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm') THEN
+                BEGIN
+                    CREATE EXTENSION pg_trgm;
+                    COMMENT ON EXTENSION pg_trgm IS '{CREATED_MARK}';
+                EXCEPTION WHEN insufficient_privilege THEN
+                    RAISE NOTICE 'pg_trgm not created (%): search works without its index',
+                        SQLERRM;
+                END;
+            END IF;
+            SELECT n.nspname INTO trgm_schema
+            FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+            WHERE e.extname = 'pg_trgm';
+            IF trgm_schema IS NOT NULL THEN
+                EXECUTE format(
+                    'CREATE INDEX {SEARCH_INDEX} ON tasks USING gin '
+                    '((title || %L || coalesce(description, %L)) %I.gin_trgm_ops)',
+                    ' ', '', trgm_schema
+                );
+            END IF;
+        END
+        $migration$
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute(f"DROP INDEX IF EXISTS {SEARCH_INDEX}")
+    for name in SORT_INDEXES:
+        op.drop_index(name, table_name="tasks")
+    op.execute(
+        f"""
+        DO $migration$
+        BEGIN
+            IF EXISTS (
+                SELECT 1 FROM pg_extension e
+                WHERE e.extname = 'pg_trgm'
+                  AND obj_description(e.oid, 'pg_extension') = '{CREATED_MARK}'
+            ) THEN
+                BEGIN
+                    DROP EXTENSION pg_trgm;  -- RESTRICT: kept if anything uses it
+                EXCEPTION WHEN dependent_objects_still_exist THEN
+                    RAISE NOTICE 'pg_trgm kept: other objects use it';
+                END;
+            END IF;
+        END
+        $migration$
+        """
+    )
