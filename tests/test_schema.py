@@ -208,9 +208,14 @@ async def _schema_objects(url: str) -> tuple[set[str], set[str]]:
             )
             table_names = set(tables)
             functions = await connection.scalars(
+                # An extension's functions (pg_trgm's, where revision 0005 installs it) are
+                # the extension's, not the schema's own.
                 text(
-                    """SELECT proname FROM pg_proc
-                       WHERE pronamespace = 'public'::regnamespace"""
+                    """SELECT proname FROM pg_proc p
+                       WHERE pronamespace = 'public'::regnamespace
+                         AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                         WHERE d.classid = 'pg_proc'::regclass
+                                           AND d.objid = p.oid AND d.deptype = 'e')"""
                 )
             )
             return table_names, set(functions)
@@ -429,7 +434,7 @@ async def test_a_database_at_the_earlier_0001_moves_to_the_own_function(
             await conn.execute(OTHER_APP_TABLE)
 
         applied = await migrations.upgrade(settings)
-        assert [step.revision for step in applied] == ["0002"]
+        assert [step.revision for step in applied][:1] == ["0002"]  # then any later ones
         functions = await _trigger_functions(conn)
         assert functions["update_tasks_updated_at"] == "todo_store_set_updated_at()"
         assert await _updated_at_moves(conn)
