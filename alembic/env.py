@@ -45,6 +45,7 @@ def include_object(
 ) -> bool:
     return not (type_ == "index" and reflected and name in OPTIONAL_INDEXES)
 
+
 settings: Settings = config.attributes.get("settings") or Settings()
 
 
