@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         UserNotFound,
     )
     from todo_store.models import Base, Task, User
+    from todo_store.pages import Page
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
@@ -70,6 +71,7 @@ _HOMES = {
     "Base": "models",
     "Task": "models",
     "User": "models",
+    "Page": "pages",
     "UNSET": "repositories",
     "TaskRepo": "repositories",
     "UserRepo": "repositories",
@@ -96,6 +98,7 @@ __all__ = [
     "EmailTaken",
     "InvalidData",
     "NotFoundError",
+    "Page",
     "SchemaNotReady",
     "Settings",
     "Task",

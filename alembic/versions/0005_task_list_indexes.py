@@ -37,6 +37,7 @@ SORT_INDEXES = {
     "idx_tasks_user_completed": "completed",
 }
 SEARCH_INDEX = "idx_tasks_search_trgm"
+SEARCH_STATISTICS = 1000
 CREATED_MARK = "trigram matching; created by todo_store revision 0005"
 
 
@@ -70,6 +71,10 @@ def upgrade() -> None:
                     '((title || %L || coalesce(description, %L)) %I.gin_trgm_ops)',
                     ' ', '', trgm_schema
                 );
+                -- Finer statistics on the searched text: with the default (100), a word in
+                -- 0.1 % of the tasks is often estimated at 1 %, and the planner then reads a
+                -- user's tasks in order, expecting an early match, instead of this index.
+                ALTER INDEX {SEARCH_INDEX} ALTER COLUMN 1 SET STATISTICS {SEARCH_STATISTICS};
             END IF;
         END
         $migration$
