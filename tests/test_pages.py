@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from tests.conftest import StatementLog
 from todo_store import Settings, TaskRepo, TodoStore, UserRepo
@@ -518,3 +518,89 @@ async def test_repr_of_a_page_shows_no_titles(session: AsyncSession) -> None:
     assert "private" not in repr(page)
     assert page.next_cursor is not None
     assert page.next_cursor not in repr(page)
+
+
+# ------------------------------------------------------------------------------- plans
+
+
+async def _plan_of_page(
+    session: AsyncSession, todo_store_engine: AsyncEngine, user_id: str, **query: Any
+) -> str:
+    """EXPLAIN of the statement `page` sends, with its parameters."""
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        captured.append((statement, parameters))
+
+    event.listen(todo_store_engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        page = await TaskRepo(session).page(user_id, **query)
+    finally:
+        event.remove(todo_store_engine.sync_engine, "before_cursor_execute", capture)
+    assert page.items  # the query is not trivially empty
+    ((sql, parameters),) = captured
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(f"EXPLAIN {sql}", parameters)
+    return "\n".join(row[0] for row in result)
+
+
+async def test_every_sort_reads_its_index_in_order_on_any_page(
+    session: AsyncSession, todo_store_engine: AsyncEngine
+) -> None:
+    """Migration 0005's indexes serve each sort from the cursor's position: no Sort node, no
+    sequential scan, so page 100 reads what page 1 reads."""
+    prefix = _uid("bulk")
+    await session.execute(
+        text(
+            """INSERT INTO users (id, email, name)
+               SELECT :p || '_' || g, :p || '_' || g || '@example.com', 'Bulk'
+               FROM generate_series(1, 100) AS g;
+               """
+        ),
+        {"p": prefix},
+    )
+    await session.execute(
+        text(
+            """INSERT INTO tasks (user_id, title, completed, created_at)
+               SELECT :p || '_' || (g % 100 + 1), 'task ' || (g * 7919 % 10007), g % 3 = 0,
+                      CAST(:t0 AS timestamptz) + g * interval '1 second'
+               FROM generate_series(1, 20000) AS g"""
+        ),
+        {"p": prefix, "t0": T0},
+    )
+    await session.execute(text("ANALYZE tasks"))
+    user_id = f"{prefix}_7"
+    for sort in SORTS:
+        cursor = (await TaskRepo(session).page(user_id, sort=sort, limit=20)).next_cursor
+        plan = await _plan_of_page(
+            session, todo_store_engine, user_id, sort=sort, limit=20, cursor=cursor
+        )
+        assert f"idx_tasks_user_{sort.lstrip('-')}" in plan, (sort, plan)
+        assert "Sort" not in plan, (sort, plan)
+        assert "Seq Scan" not in plan, (sort, plan)
+
+
+async def test_a_rare_word_is_found_through_the_trigram_index_where_pg_trgm_exists(
+    session: AsyncSession, todo_store_engine: AsyncEngine
+) -> None:
+    available = await session.scalar(
+        text("SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_trgm'")
+    )
+    index = await session.scalar(
+        text("SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_tasks_search_trgm'")
+    )
+    assert index == available  # created wherever the server has the extension
+    if not available:
+        pytest.skip("this server has no pg_trgm: search reads the user's tasks in order")
+    user_id = await _user(session)
+    await session.execute(
+        text(
+            """INSERT INTO tasks (user_id, title)
+               SELECT :u, 'task ' || g || CASE WHEN g % 1000 = 0 THEN ' quokka' ELSE '' END
+               FROM generate_series(1, 20000) AS g"""
+        ),
+        {"u": user_id},
+    )
+    await session.execute(text("ANALYZE tasks"))
+    plan = await _plan_of_page(session, todo_store_engine, user_id, search="quokka", limit=10)
+    assert "idx_tasks_search_trgm" in plan, plan
