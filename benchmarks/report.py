@@ -424,10 +424,10 @@ def _pages(results: Results) -> str:
             "exists for the smallest user too); searches are newest first, page 1, for a word "
             "in 0.1 % and one in 50 % of the user's tasks, and the known worst case: a word "
             "none of the user's tasks has but an eighth of the others' do. Each cell: median "
-            f"latency of {results.pages_samples} single-call units of work (`session(atomic=False)`, "
-            "direct, no injected latency) · the server's execution time · shared buffers "
-            "touched, both from `EXPLAIN (ANALYZE, BUFFERS)` of the SQL and parameters the "
-            "repository sent.",
+            f"latency of {results.pages_samples} single-call units of work "
+            "(`session(atomic=False)`, direct, no injected latency) · the server's execution "
+            "time · shared buffers touched, both from `EXPLAIN (ANALYZE, BUFFERS)` of the SQL "
+            "and parameters the repository sent.",
             "",
             table(header, rows),
             "",

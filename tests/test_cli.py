@@ -232,6 +232,8 @@ async def test_migrate_says_what_it_applied(empty_database: str, tmp_path: Path)
         "applied 0001: Initial schema: users, tasks, the owner index and the updated_at trigger.",
         "applied 0002: Move the updated_at trigger onto the package's own function,"
         " todo_store_set_updated_at().",
+        "applied 0005: Indexes for pages of tasks: one per sort, and one for search where the"
+        " server can.",
         f"at head {head}",
     ]
     assert await migrations.current_revision(settings_for(empty_database)) == head

@@ -1,4 +1,4 @@
-"""Indexes for pages of tasks: one per sort, and a trigram index for search where available.
+"""Indexes for pages of tasks: one per sort, and one for search where the server can.
 
 `TaskRepo.page` reads `WHERE user_id = ? [AND (column, id) > (?, ?)] ORDER BY column, id
 LIMIT n` for each sort column (created_at, updated_at, title, completed): an index on
