@@ -23,13 +23,16 @@ if TYPE_CHECKING:
         EmailTaken,
         InvalidData,
         NotFoundError,
+        RowNotFound,
         SchemaNotReady,
         TaskNotFound,
         TodoStoreError,
         TransactionConflict,
         UserNotFound,
+        VersionConflict,
     )
     from todo_store.models import Base, Task, User
+    from todo_store.owned import OwnedRepo
     from todo_store.pages import Page
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
@@ -64,15 +67,18 @@ _HOMES = {
     "InvalidData": "errors",
     "NotFoundError": "errors",
     "SchemaNotReady": "errors",
+    "RowNotFound": "errors",
     "TaskNotFound": "errors",
     "TodoStoreError": "errors",
     "TransactionConflict": "errors",
     "UserNotFound": "errors",
+    "VersionConflict": "errors",
     "Base": "models",
     "Task": "models",
     "User": "models",
     "Page": "pages",
     "UNSET": "repositories",
+    "OwnedRepo": "owned",
     "TaskRepo": "repositories",
     "UserRepo": "repositories",
     "TaskCreate": "schemas",
@@ -98,7 +104,9 @@ __all__ = [
     "EmailTaken",
     "InvalidData",
     "NotFoundError",
+    "OwnedRepo",
     "Page",
+    "RowNotFound",
     "SchemaNotReady",
     "Settings",
     "Task",
@@ -118,6 +126,7 @@ __all__ = [
     "UserRecord",
     "UserRepo",
     "UserUpsert",
+    "VersionConflict",
     "__version__",
     "create_engine",
     "create_sessionmaker",

@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, cast
+from typing import Annotated, Any, Final, Literal, NamedTuple, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -297,33 +297,30 @@ def _anchor_from(plaintext: bytes, fingerprint: str, sort: str) -> Anchor:
 
 # -- the statement ----------------------------------------------------------------------------
 
-_STATEMENTS: dict[tuple[str, int, bool | None, bool, bool], Select[Any]] = {}
+
+class StatementKey(NamedTuple):
+    """What tells the statements of pages apart."""
+
+    sort: str
+    words: int
+    completed: bool | None
+    since: bool
+    after_anchor: bool
 
 
-def statement(query: PageQuery, columns: tuple[Any, ...]) -> Select[Any]:
-    """The page's SELECT (built once per shape, then served from SQLAlchemy's cache)."""
-    shape = (
+def statement_key(query: PageQuery) -> StatementKey:
+    return StatementKey(
         query.sort,
         len(query.words),
         query.completed,
         query.updated_since is not None,
         query.cursor is not None,
     )
-    built = _STATEMENTS.get(shape)
-    if built is None:
-        built = _STATEMENTS[shape] = _build(*shape, columns=columns)
-    return built
 
 
-def _build(
-    sort: str,
-    words: int,
-    completed: bool | None,
-    since: bool,
-    after_anchor: bool,
-    *,
-    columns: tuple[Any, ...],
-) -> Select[Any]:
+def statement(columns: tuple[Any, ...], key: StatementKey) -> Select[Any]:
+    """The page's SELECT of `columns`, its values bound by name (`parameters`)."""
+    sort, words, completed, since, after_anchor = key
     column = SORT_COLUMNS[sort.lstrip("-")]
     descending = sort.startswith("-")
     where: list[ColumnElement[bool]] = [TASKS.c.user_id == bindparam("owner")]
@@ -332,13 +329,13 @@ def _build(
         where.append(TASKS.c.completed.is_(completed))
     if since:
         where.append(TASKS.c.updated_at >= bindparam("since"))
-    # Backslash is the escape character (`_like_pattern`): % _ \ in a word match themselves.
+    # Backslash is the escape character (`like_pattern`): % _ \ in a word match themselves.
     where += [HAYSTACK.ilike(bindparam(f"word_{n}"), escape="\\") for n in range(words)]
     if after_anchor:
         # A row comparison: served by the (user_id, column, id) index as one range.
-        key = tuple_(column, TASKS.c.id)
+        position = tuple_(column, TASKS.c.id)
         anchor = tuple_(bindparam("anchor_value", type_=column.type), bindparam("anchor_id"))
-        where.append(key < anchor if descending else key > anchor)
+        where.append(position < anchor if descending else position > anchor)
     order = [column.desc(), TASKS.c.id.desc()] if descending else [column.asc(), TASKS.c.id.asc()]
     return (
         select(*columns).where(*where).order_by(*order).limit(bindparam("row_limit", type_=Integer))
