@@ -72,7 +72,7 @@ SEARCH_WORDS_MAX = 8
 CURSOR_MAX = 2048  # a 200-character title of 4-byte characters, encrypted, in base64: ~1.1 kB
 
 # The text a search looks in. Written out (not built from bound parameters) because migration
-# 0005's trigram index is on exactly this expression: the planner matches it textually.
+# 0005's search index is on exactly this expression: the planner matches it textually.
 HAYSTACK: Final = literal_column("(tasks.title || ' ' || coalesce(tasks.description, ''))", Text)
 
 
