@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from todo_store import (
     User,
     UserNotFound,
     UserRepo,
+    resend,
 )
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
@@ -561,3 +563,116 @@ async def test_non_atomic_unit_flushes_pending_orm_changes(
     async with store.session() as session:
         assert (await UserRepo(session).get(new_user_id)).name == "Orm"
         await UserRepo(session).delete(new_user_id)
+
+
+# --- a BEGIN that meets a closed connection is sent again, once -----------------------------
+
+RESTART_CYCLES = 100
+
+
+async def _terminate_now(admin: asyncpg.Connection, pids: list[int]) -> None:
+    """Kill these backends without waiting for them to exit: their goodbye may still be on
+    its way when the next unit of work starts (a restart under traffic)."""
+    await admin.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+
+
+async def test_a_begin_that_meets_a_closed_connection_is_sent_again(
+    todo_store_settings: Settings,
+) -> None:
+    """Before: 31 to 58 of 100 units failed (`DatabaseUnavailable`, InternalClientError or
+    ConnectionDoesNotExistError): the checkout check ran before the server's goodbye arrived."""
+    url = _url(todo_store_settings)
+    failures: list[str] = []
+    healthy_costs: set[int] = set()
+    resent_queries: set[int] = set()
+    async with RoundTripProxy.in_front_of(url) as proxy:
+        four = settings_for(proxy.url_for(url)).model_copy(
+            update={"pool_size": 4, "max_overflow": 0}
+        )
+        async with TodoStore(four) as store:
+            resends = [0]
+            resend.on_replacement(
+                store.engine.sync_engine, lambda: resends.__setitem__(0, resends[0] + 1)
+            )
+            admin = await asyncpg.connect(url)
+            try:
+                for _ in range(RESTART_CYCLES):
+                    pids = await _fill_pool(store, 4)
+                    await _terminate_now(admin, pids)
+                    with proxy.counting() as unit:
+                        try:
+                            async with store.session() as session:
+                                await session.execute(text("SELECT 1"))
+                        except DatabaseUnavailable as error:
+                            failures.append(str(error))
+                    if unit.connections == 0:
+                        healthy_costs.add(unit.round_trips)
+                    else:
+                        resent_queries.add(unit.messages.get("Query", 0))
+            finally:
+                await admin.close()
+    assert failures == []
+    # The race happened (else this test proves nothing) and every resend opened one connection.
+    assert resends[0] > 0
+    assert len(resent_queries) > 0
+    # The healthy path costs what it always did (BEGIN, prepare, execute, COMMIT): no check.
+    assert healthy_costs <= {4}, healthy_costs
+    # A resent unit: at most the failed BEGIN, then BEGIN and COMMIT on the new connection.
+    assert resent_queries <= {2, 3}, resent_queries
+
+
+@pytest.mark.parametrize(
+    ("atomic", "killed"),
+    [(True, "after_begin"), (True, "during_write"), (False, "during_write")],
+    ids=["atomic-after-begin", "atomic-during-write", "non-atomic-during-write"],
+)
+async def test_a_statement_that_may_have_run_is_never_sent_again(
+    todo_store_settings: Settings, atomic: bool, killed: str
+) -> None:
+    """A write whose connection dies is reported, not repeated: sent again on a new connection
+    it would commit (the sleep after it ends) and the table would hold a row."""
+    url = _url(todo_store_settings)
+    table = f"resend_probe_{uuid.uuid4().hex[:8]}"
+    write = text(
+        f"WITH written AS (INSERT INTO {table} VALUES (1) RETURNING n) "
+        "SELECT pg_sleep(CASE WHEN :wait THEN 2 ELSE 0 END) FROM written"
+    )
+    admin = await asyncpg.connect(url)
+    await admin.execute(f"CREATE TABLE {table} (n int)")
+    try:
+        async with TodoStore(todo_store_settings) as store:
+            resends = [0]
+            resend.on_replacement(
+                store.engine.sync_engine, lambda: resends.__setitem__(0, resends[0] + 1)
+            )
+            opened = _count_connects(store)
+
+            async def unit() -> None:
+                async with store.session(atomic=atomic) as session:
+                    if killed == "after_begin":
+                        pid = await session.scalar(text("SELECT pg_backend_pid()"))
+                        await _terminate(url, [int(pid)])
+                    await session.execute(write, {"wait": killed == "during_write"})
+
+            running = asyncio.create_task(unit())
+            if killed == "during_write":
+
+                async def writing() -> bool:
+                    pids = await admin.fetch(
+                        "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 AND pid <> "
+                        "pg_backend_pid()",
+                        f"%INSERT INTO {table}%",
+                    )
+                    if pids:
+                        await _terminate(url, [row["pid"] for row in pids])
+                    return bool(pids)
+
+                await _until(writing, "the write to be running")
+            with pytest.raises((DatabaseUnavailable, CommitOutcomeUnknown)):
+                await running
+            assert opened[0] == 1
+        assert resends[0] == 0
+        assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 0
+    finally:
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text, util
-from sqlalchemy.engine import URL, Connection, ExceptionContext
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -61,6 +61,7 @@ from todo_store.errors import (
     translate,
 )
 from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
+from todo_store.resend import resending_class
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
 
@@ -154,7 +155,7 @@ def add_store_events(
     """
     sync_engine = engine.sync_engine
     gate = ConnectGate()
-    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout))
+    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout, sync_engine))
     event.listen(sync_engine, "checkout", _reject_dead_connection)
     event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", _forget_commit)
@@ -259,14 +260,51 @@ class _Connector:
     timeout: through a pooler that still accepts logins while its server is down, that is
     where the wait for the server happens (SQLAlchemy's own first queries would otherwise wait
     the statement timeout).
+
+    Each connection it opens can send its BEGIN again on a new connection when the BEGIN
+    meets a closed one (`todo_store.resend`); that new connection is opened here too.
     """
 
-    def __init__(self, gate: ConnectGate, first_connect_timeout: float) -> None:
+    def __init__(self, gate: ConnectGate, first_connect_timeout: float, engine: Engine) -> None:
         self.gate = gate
         self.first_connect_timeout = first_connect_timeout
         self.first_done = False
+        self.engine = engine
+        self._last_connect: tuple[Any, list[Any], dict[str, Any]] | None = None
+        self._resending: dict[type, type | None] = {}
 
     def __call__(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        self._last_connect = (dialect, list(cargs), dict(cparams))
+        connection = self._open(dialect, cargs, cparams)
+        resending = self._resending_class(type(connection))
+        if resending is not None:
+            connection.__class__ = resending
+        return connection
+
+    def _resending_class(self, adapter_class: type) -> type | None:
+        if adapter_class not in self._resending:
+            self._resending[adapter_class] = resending_class(
+                adapter_class, self.engine, self._open_replacement
+            )
+        return self._resending[adapter_class]
+
+    def _open_replacement(self) -> Any:
+        """A new adapted connection for a pool slot whose connection was found closed: opened
+        with the last connect's arguments, through the gate, with the dialect's setup."""
+        if self._last_connect is None:  # pragma: no cover - a connection implies a connect
+            raise DatabaseUnavailable("no connection was ever opened to replace")
+        dialect, cargs, cparams = self._last_connect
+        connection = self._open(dialect, list(cargs), dict(cparams))
+        setup = dialect.on_connect()
+        try:
+            if setup is not None:
+                setup(connection)
+        except BaseException:
+            connection.driver_connection.terminate()
+            raise
+        return connection
+
+    def _open(self, dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         tls = cparams.pop(_TLS_INTENT, None)
         self.gate.enter()
         started = time.monotonic()

@@ -1,0 +1,160 @@
+"""A unit of work whose BEGIN meets a closed connection starts again on a new connection.
+
+The checkout check (`engine._reject_dead_connection`) finds a connection the server closed
+while it was pooled, at no cost, once the server's goodbye has reached the socket. When a
+backend is terminated (a restart, a compute suspend) just as a unit of work starts, the
+goodbye can still be on its way: the unit's first round trip then meets the closed
+connection. For an atomic unit that round trip is its BEGIN (SQLAlchemy's asyncpg adapter
+sends it before the first statement), which cannot have changed anything: whatever it started
+ended with the connection (a user binding that rides on it is transaction-local too).
+
+So, when a BEGIN fails and its connection is closed afterwards, the pool slot keeps its
+SQLAlchemy adapter, the adapter gets a new asyncpg connection (opened like any other, through
+the engine's connect path and backoff, with the dialect's per-connection setup and the
+pending user binding), and the BEGIN is sent once more. Guarantees:
+
+- the healthy path costs nothing: no round trip and no check is added before the BEGIN;
+- only a BEGIN is ever sent again, once; a statement, a COMMIT, or a BEGIN that timed out
+  (the connection may be slow, not gone) never is: their failures reach the caller as before;
+- if the new connection cannot be opened, the caller gets the BEGIN's own failure
+  (`DatabaseUnavailable` with the server's words), as without this module.
+
+It relies on private attributes of SQLAlchemy's asyncpg adapter (`_connection`,
+`_transaction`, `_start_transaction`, `_prepared_statement_cache`), present in SQLAlchemy
+2.0.58 and 2.1; `RESEND_SUPPORTED` checks them once at import. Where they are missing, nothing
+is resent: the unit fails with `DatabaseUnavailable`, as before this module existed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+from sqlalchemy.engine import Engine
+from sqlalchemy.util import greenlet_spawn
+
+from todo_store.binding import BoundConnection
+
+log = logging.getLogger("todo_store")
+
+_ADAPTER_SLOTS = ("_connection", "_transaction", "_prepared_statement_cache")
+
+
+def _adapter_has_what_resend_needs(adapter_class: type) -> bool:
+    slots = {
+        name
+        for cls in adapter_class.__mro__
+        for name in (getattr(cls, "__slots__", ()) or ())
+        if isinstance(name, str)
+    }
+    start = getattr(adapter_class, "_start_transaction", None)
+    return set(_ADAPTER_SLOTS) <= slots and inspect.iscoroutinefunction(start)
+
+
+RESEND_SUPPORTED = _adapter_has_what_resend_needs(AsyncAdapt_asyncpg_connection)
+"""Whether this SQLAlchemy's asyncpg adapter has what a resent BEGIN needs (checked once)."""
+
+OpenReplacement = Callable[[], Any]
+"""Opens a new adapted connection, set up like the pool's others (sync, in a greenlet)."""
+
+_listeners: weakref.WeakKeyDictionary[Engine, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def on_replacement(engine: Engine, listener: Callable[[], None]) -> Callable[[], None]:
+    """Call `listener()` each time one of `engine`'s connections is replaced under a BEGIN
+    that met a closed connection; return a function that stops it."""
+    registered = _listeners.setdefault(engine, [])
+    registered.append(listener)
+
+    def remove() -> None:
+        if listener in registered:
+            registered.remove(listener)
+
+    return remove
+
+
+def resending_class(
+    adapter_class: type, engine: Engine, open_replacement: OpenReplacement
+) -> type | None:
+    """A subclass of `adapter_class` (same layout: an adapter's class can be set to it) whose
+    BEGIN is sent again once on a new connection; None where that is not supported."""
+    if not RESEND_SUPPORTED or not issubclass(adapter_class, AsyncAdapt_asyncpg_connection):
+        return None
+    engine_ref = weakref.ref(engine)
+    namespace = {
+        "__slots__": (),
+        "_open_replacement": staticmethod(open_replacement),
+        "_engine_ref": staticmethod(engine_ref),
+    }
+    return type(f"Resending{adapter_class.__name__}", (_ResendingBegin, adapter_class), namespace)
+
+
+class _ResendingBegin:
+    """Mixin for SQLAlchemy's asyncpg adapter: see the module docstring."""
+
+    __slots__ = ()
+
+    _connection: Any
+    _transaction: Any
+    _prepared_statement_cache: Any
+    _open_replacement: OpenReplacement
+    _engine_ref: Callable[[], Engine | None]
+
+    async def _start_transaction(self) -> None:
+        old = self._connection
+        # The BEGIN consumes the binding before it is sent: keep it for the replacement.
+        pending = old.pending_binding() if isinstance(old, BoundConnection) else None
+        try:
+            await super()._start_transaction()  # type: ignore[misc]
+        except Exception as error:
+            if not _met_a_closed_connection(error, old) or self._transaction is not None:
+                raise
+            failure = error
+        else:
+            return
+        try:
+            replacement = await greenlet_spawn(self._open_replacement)
+        except Exception:
+            replacement = None  # the connect path has logged why (and backs off)
+        if replacement is None:
+            raise failure
+        self._swap(replacement._connection, pending)
+        old.terminate()
+        log.info(
+            "a database connection was closed under a BEGIN; sending it again on a new one",
+            extra={"todo_store_event": "connection_replaced", "found": "begin"},
+        )
+        engine = self._engine_ref()
+        for listener in list(_listeners.get(engine, ())) if engine is not None else ():
+            listener()
+        await super()._start_transaction()  # type: ignore[misc]
+
+    def _swap(self, driver: Any, pending: str | None) -> None:
+        if isinstance(driver, BoundConnection):
+            driver.bind_next_transaction(pending)
+        self._connection = driver
+        # Statements prepared on the closed connection are unknown to the new one.
+        if self._prepared_statement_cache is not None:
+            self._prepared_statement_cache.clear()
+
+
+def _met_a_closed_connection(error: BaseException, driver: Any) -> bool:
+    """The BEGIN failed and its connection is closed now (reset, closed by the server, or
+    the server's FATAL admin-shutdown message): nothing it started outlives it. A timeout
+    is excluded: it says the database was slow, not that the connection was gone."""
+    if not driver.is_closed():
+        return False
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, TimeoutError):
+            return False
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return True
