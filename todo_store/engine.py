@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from todo_store import resend
 from todo_store.binding import (
     USER_OPTION,
     BoundConnection,
@@ -61,7 +62,6 @@ from todo_store.errors import (
     translate,
 )
 from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
-from todo_store.resend import resending_class
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
 
@@ -157,6 +157,7 @@ def add_store_events(
     gate = ConnectGate()
     event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout, sync_engine))
     event.listen(sync_engine, "checkout", _reject_dead_connection)
+    event.listen(sync_engine, "before_cursor_execute", _executemany_is_not_resent)
     event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", _forget_commit)
     event.listen(sync_engine, "commit", _mark_commit)
@@ -283,7 +284,7 @@ class _Connector:
 
     def _resending_class(self, adapter_class: type) -> type | None:
         if adapter_class not in self._resending:
-            self._resending[adapter_class] = resending_class(
+            self._resending[adapter_class] = resend.resending_class(
                 adapter_class, self.engine, self._open_replacement
             )
         return self._resending[adapter_class]
@@ -377,6 +378,16 @@ def _reject_dead_connection(
             extra={"todo_store_event": "connection_replaced", "found": "checkout"},
         )
         raise exc.DisconnectionError("the server closed this pooled connection")
+    # Its goodbye may still be on the way: the unit's first round trip, if it can have
+    # executed nothing, is sent again on a new connection when it meets a closed one.
+    resend.checked_out(driver)
+
+
+def _executemany_is_not_resent(
+    conn: Connection, _cursor: Any, _statement: Any, _parameters: Any, _context: Any, many: bool
+) -> None:
+    if many and conn.connection.dbapi_connection is not None:
+        resend.not_resendable(conn.connection.driver_connection)
 
 
 def _has_unread_input(driver: asyncpg.Connection) -> bool:

@@ -41,7 +41,8 @@ from todo_store.binding import BoundConnection
 
 log = logging.getLogger("todo_store")
 
-_ADAPTER_SLOTS = ("_connection", "_transaction", "_prepared_statement_cache")
+_ADAPTER_COROUTINES = ("_start_transaction", "_prepare")
+_ADAPTER_SLOTS = ("_connection", "_transaction", "_prepared_statement_cache", "isolation_level")
 
 
 def _adapter_has_what_resend_needs(adapter_class: type) -> bool:
@@ -51,8 +52,8 @@ def _adapter_has_what_resend_needs(adapter_class: type) -> bool:
         for name in (getattr(cls, "__slots__", ()) or ())
         if isinstance(name, str)
     }
-    start = getattr(adapter_class, "_start_transaction", None)
-    return set(_ADAPTER_SLOTS) <= slots and inspect.iscoroutinefunction(start)
+    methods = (getattr(adapter_class, name, None) for name in _ADAPTER_COROUTINES)
+    return set(_ADAPTER_SLOTS) <= slots and all(map(inspect.iscoroutinefunction, methods))
 
 
 RESEND_SUPPORTED = _adapter_has_what_resend_needs(AsyncAdapt_asyncpg_connection)
@@ -95,6 +96,26 @@ def resending_class(
     return type(f"Resending{adapter_class.__name__}", (_ResendingBegin, adapter_class), namespace)
 
 
+_fresh: weakref.WeakSet[Any] = weakref.WeakSet()  # asyncpg connections not used since checkout
+
+
+def checked_out(driver: Any) -> None:
+    """`driver` was just checked out: its next round trip is the unit of work's first."""
+    _fresh.add(driver)
+
+
+def not_resendable(driver: Any) -> None:
+    """The unit's first statement is sent as executemany, whose first round trip executes."""
+    _fresh.discard(driver)
+
+
+def _first_round_trip(driver: Any) -> bool:
+    """Whether this is the first round trip on `driver` since checkout (asked once)."""
+    fresh = driver in _fresh
+    _fresh.discard(driver)
+    return fresh
+
+
 class _ResendingBegin:
     """Mixin for SQLAlchemy's asyncpg adapter: see the module docstring."""
 
@@ -103,11 +124,17 @@ class _ResendingBegin:
     _connection: Any
     _transaction: Any
     _prepared_statement_cache: Any
+    isolation_level: Any
     _open_replacement: OpenReplacement
     _engine_ref: Callable[[], Engine | None]
 
     async def _start_transaction(self) -> None:
         old = self._connection
+        if self.isolation_level == "autocommit" or not _first_round_trip(old):
+            # No BEGIN (a non-atomic unit: its first round trip is the prepare), or not the
+            # unit's first round trip: the connection may hold what the unit did before.
+            await super()._start_transaction()  # type: ignore[misc]
+            return
         # The BEGIN consumes the binding before it is sent: keep it for the replacement.
         pending = old.pending_binding() if isinstance(old, BoundConnection) else None
         try:
@@ -115,33 +142,53 @@ class _ResendingBegin:
         except Exception as error:
             if not _met_a_closed_connection(error, old) or self._transaction is not None:
                 raise
-            failure = error
+            if not await self._replace(old, pending, "begin"):
+                raise
         else:
             return
+        await super()._start_transaction()  # type: ignore[misc]
+
+    async def _prepare(self, operation: Any, invalidate_timestamp: Any) -> Any:
+        old = self._connection
+        # With caching off, a non-atomic unit's first round trip is Parse/Describe/Sync: it
+        # executes nothing. With caching on it may be the Bind/Execute of a cached statement.
+        resendable = (
+            self.isolation_level == "autocommit"
+            and self._prepared_statement_cache is None
+            and _first_round_trip(old)
+        )
+        try:
+            return await super()._prepare(operation, invalidate_timestamp)  # type: ignore[misc]
+        except Exception as error:
+            if not (resendable and _met_a_closed_connection(error, old)):
+                raise
+            if not await self._replace(old, None, "prepare"):
+                raise
+        return await super()._prepare(operation, invalidate_timestamp)  # type: ignore[misc]
+
+    async def _replace(self, old: Any, pending: str | None, found: str) -> bool:
+        """Put a new connection in `old`'s place; False if none could be opened."""
         try:
             replacement = await greenlet_spawn(self._open_replacement)
         except Exception:
-            replacement = None  # the connect path has logged why (and backs off)
-        if replacement is None:
-            raise failure
-        self._swap(replacement._connection, pending)
-        old.terminate()
-        log.info(
-            "a database connection was closed under a BEGIN; sending it again on a new one",
-            extra={"todo_store_event": "connection_replaced", "found": "begin"},
-        )
-        engine = self._engine_ref()
-        for listener in list(_listeners.get(engine, ())) if engine is not None else ():
-            listener()
-        await super()._start_transaction()  # type: ignore[misc]
-
-    def _swap(self, driver: Any, pending: str | None) -> None:
+            return False  # the connect path has logged why (and backs off)
+        driver = replacement._connection
         if isinstance(driver, BoundConnection):
             driver.bind_next_transaction(pending)
         self._connection = driver
         # Statements prepared on the closed connection are unknown to the new one.
         if self._prepared_statement_cache is not None:
             self._prepared_statement_cache.clear()
+        old.terminate()
+        log.info(
+            "a database connection was closed under a unit's first round trip; "
+            "sending it again on a new connection",
+            extra={"todo_store_event": "connection_replaced", "found": found},
+        )
+        engine = self._engine_ref()
+        for listener in list(_listeners.get(engine, ())) if engine is not None else ():
+            listener()
+        return True
 
 
 def _met_a_closed_connection(error: BaseException, driver: Any) -> bool:
