@@ -8,7 +8,9 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
   (the binding rides on the BEGIN), and 4 per call when not (a bound transaction per call);
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
   all) is replaced at checkout, before any caller code runs, without sending anything, and
-  only that one: a loss never throws healthy connections away;
+  only that one: a loss never throws healthy connections away; a unit whose first round trip
+  (one that runs nothing) still meets a closed connection sends it again on a new one
+  (`todo_store.resend`);
 - while connects fail, a process makes at most about one attempt per second (jittered
   backoff), and callers that need a connection meanwhile get `DatabaseUnavailable` at once;
 - database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,

@@ -164,7 +164,7 @@ class EngineTelemetry:
             "todo_store.connection.replacements",
             unit="{connection}",
             description="Connections discarded from the pool, by reason: dead_at_checkout, "
-            "dead_at_begin, lost, timed_out, interrupted, other.",
+            "dead_at_first_use, lost, timed_out, interrupted, other.",
         )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
@@ -355,7 +355,7 @@ class EngineTelemetry:
 
         def replaced() -> None:
             # The pool slot keeps its adapter, so the pool sees no invalidation: counted here.
-            replacements.add(1, {**state.pool_attributes, REPLACE_REASON: "dead_at_begin"})
+            replacements.add(1, {**state.pool_attributes, REPLACE_REASON: "dead_at_first_use"})
 
         return replaced
 

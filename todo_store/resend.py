@@ -1,28 +1,35 @@
-"""A unit of work whose BEGIN meets a closed connection starts again on a new connection.
+"""A unit of work whose first round trip meets a closed connection starts on a new one.
 
 The checkout check (`engine._reject_dead_connection`) finds a connection the server closed
 while it was pooled, at no cost, once the server's goodbye has reached the socket. When a
 backend is terminated (a restart, a compute suspend) just as a unit of work starts, the
 goodbye can still be on its way: the unit's first round trip then meets the closed
-connection. For an atomic unit that round trip is its BEGIN (SQLAlchemy's asyncpg adapter
-sends it before the first statement), which cannot have changed anything: whatever it started
-ended with the connection (a user binding that rides on it is transaction-local too).
+connection. That round trip cannot have changed anything:
+- in a transaction it is the BEGIN (SQLAlchemy's asyncpg adapter sends it before the first
+  statement); whatever it started ended with the connection, and a user binding that rides
+  on it is transaction-local;
+- without one (`session(atomic=False)`), with statement caching off, it is the first
+  statement's prepare (Parse/Describe/Sync), which runs nothing.
 
-So, when a BEGIN fails and its connection is closed afterwards, the pool slot keeps its
-SQLAlchemy adapter, the adapter gets a new asyncpg connection (opened like any other, through
-the engine's connect path and backoff, with the dialect's per-connection setup and the
-pending user binding), and the BEGIN is sent once more. Guarantees:
+So when that round trip fails and its connection is closed afterwards, the pool slot keeps
+its SQLAlchemy adapter, the adapter gets a new asyncpg connection (opened like any other:
+the engine's connect path and backoff, the dialect's per-connection setup, the pending user
+binding), and the round trip is sent once more. Guarantees:
 
-- the healthy path costs nothing: no round trip and no check is added before the BEGIN;
-- only a BEGIN is ever sent again, once; a statement, a COMMIT, or a BEGIN that timed out
-  (the connection may be slow, not gone) never is: their failures reach the caller as before;
-- if the new connection cannot be opened, the caller gets the BEGIN's own failure
+- the healthy path costs nothing: no round trip and no check is added;
+- only a checkout's first round trip is sent again, once. A statement that may have run, a
+  COMMIT, a later BEGIN on the same checkout (the connection may hold a SET or a temporary
+  table the caller relies on), a first statement sent as executemany, a cached statement's
+  execution, and anything that timed out (slow is not gone) never are: their failures reach
+  the caller as before;
+- if no new connection can be opened, the caller gets the round trip's own failure
   (`DatabaseUnavailable` with the server's words), as without this module.
 
 It relies on private attributes of SQLAlchemy's asyncpg adapter (`_connection`,
-`_transaction`, `_start_transaction`, `_prepared_statement_cache`), present in SQLAlchemy
-2.0.58 and 2.1; `RESEND_SUPPORTED` checks them once at import. Where they are missing, nothing
-is resent: the unit fails with `DatabaseUnavailable`, as before this module existed.
+`_transaction`, `_prepared_statement_cache`, `isolation_level`, `_start_transaction`,
+`_prepare`), present in SQLAlchemy 2.0.58 and 2.1; `RESEND_SUPPORTED` checks them once at
+import. Where they are missing nothing is resent: the unit fails with `DatabaseUnavailable`,
+as it did before.
 """
 
 from __future__ import annotations
