@@ -11,7 +11,8 @@ PgBouncer: Debian's 1.18 on PATH or /usr/sbin, 1.25 from `TODO_STORE_PGBOUNCER_T
    `ping()`; logins attempted per second during it, and the time from the database being
    reachable again to the first successful call, direct and through PgBouncer 1.25;
 3. a restart under load: 100 cycles of "fill a pool of 4, `pg_terminate_backend` all of them,
-   run one atomic unit at once": how many units fail.
+   run one atomic unit at once": how many units fail, and how many connections were
+   replaced under a unit's first round trip (the goodbye had not arrived at checkout).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tests.rigs.outage import Forwarder
-from todo_store import DatabaseUnavailable, Settings, TodoStore, TodoStoreError
+from todo_store import DatabaseUnavailable, Settings, TodoStore, TodoStoreError, resend
 from todo_store.testing.pgbouncer import PgBouncer, tracking_binary
 from todo_store.testing.postgres import create_database, drop_database, server_from_url
 
@@ -187,9 +188,13 @@ async def outage(url: str, database: str, via: str, seconds: float) -> None:
 
 
 async def restart_under_load(url: str, cycles: int) -> None:
-    failed = 0
+    failed = skipped = 0
     errors: set[str] = set()
     async with TodoStore(_settings(url, pool_size=4, max_overflow=0)) as store:
+        resent = [0]
+        resend.on_replacement(
+            store.engine.sync_engine, lambda: resent.__setitem__(0, resent[0] + 1)
+        )
         admin = await asyncpg.connect(url)
         try:
             for _ in range(cycles):
@@ -208,6 +213,7 @@ async def restart_under_load(url: str, cycles: int) -> None:
                 except* DatabaseUnavailable:  # a connection of the last cycle's; not measured
                     filled = False
                 if not filled:
+                    skipped += 1
                     continue
                 pids = [holder.result() for holder in holders]
                 await admin.execute(
@@ -221,7 +227,11 @@ async def restart_under_load(url: str, cycles: int) -> None:
                     errors.add(str(error)[:100])
         finally:
             await admin.close()
-    print(f"\n## Restart under load\n\n{failed} of {cycles} units failed: {sorted(errors)}")
+    print(
+        f"\n## Restart under load\n\n{failed} of {cycles - skipped} units failed "
+        f"({skipped} cycles skipped: the pool could not be filled); {resent[0]} connections "
+        f"replaced under a unit's first round trip (fills included): {sorted(errors)}"
+    )
 
 
 async def main(arguments: argparse.Namespace) -> None:
