@@ -580,15 +580,24 @@ async def _terminate_now(admin: asyncpg.Connection, pids: list[int]) -> None:
 @pytest.mark.parametrize(
     ("atomic", "healthy_cost"), [(True, 4), (False, 2)], ids=["atomic", "non-atomic"]
 )
+@pytest.mark.parametrize("path", ["direct", "pgbouncer-1.25"])
 async def test_a_first_round_trip_that_meets_a_closed_connection_is_sent_again(
-    todo_store_settings: Settings, atomic: bool, healthy_cost: int
+    todo_store_settings: Settings,
+    request: pytest.FixtureRequest,
+    path: str,
+    atomic: bool,
+    healthy_cost: int,
 ) -> None:
-    """Before: 31 to 58 of 100 units failed (`DatabaseUnavailable`, InternalClientError or
-    ConnectionDoesNotExistError): the checkout check ran before the server's goodbye arrived.
+    """Before, direct: 31 to 58 of 100 units failed (`DatabaseUnavailable`,
+    InternalClientError or ConnectionDoesNotExistError): the checkout check ran before the
+    server's goodbye arrived.
 
     The unit's first round trip (the BEGIN; without a transaction, the prepare) is sent again
     on a new connection; the healthy path costs what it always did (no check is added)."""
-    url = _url(todo_store_settings)
+    if path == "direct":
+        url = _url(todo_store_settings)
+    else:
+        url = request.getfixturevalue("tracking_pgbouncer").url
     failures: list[str] = []
     healthy_costs: set[int] = set()
     resent_executes: set[int] = set()
@@ -601,7 +610,7 @@ async def test_a_first_round_trip_that_meets_a_closed_connection_is_sent_again(
             resend.on_replacement(
                 store.engine.sync_engine, lambda: resends.__setitem__(0, resends[0] + 1)
             )
-            admin = await asyncpg.connect(url)
+            admin = await asyncpg.connect(_url(todo_store_settings))
             try:
                 for _ in range(RESTART_CYCLES):
                     pids = await _fill_pool(store, 4)
