@@ -588,9 +588,9 @@ async def test_a_first_round_trip_that_meets_a_closed_connection_is_sent_again(
     atomic: bool,
     healthy_cost: int,
 ) -> None:
-    """Before, direct: 31 to 58 of 100 units failed (`DatabaseUnavailable`,
-    InternalClientError or ConnectionDoesNotExistError): the checkout check ran before the
-    server's goodbye arrived.
+    """Before: 31 to 58 of 100 units failed direct (`DatabaseUnavailable`, InternalClientError
+    or ConnectionDoesNotExistError), about 68 through PgBouncer 1.25: the checkout check ran
+    before the server's (or pooler's) goodbye arrived.
 
     The unit's first round trip (the BEGIN; without a transaction, the prepare) is sent again
     on a new connection; the healthy path costs what it always did (no check is added)."""
@@ -621,16 +621,23 @@ async def test_a_first_round_trip_that_meets_a_closed_connection_is_sent_again(
                                 await session.execute(text("SELECT 1"))
                         except DatabaseUnavailable as error:
                             failures.append(str(error))
+                            continue
                     if unit.connections == 0:
                         healthy_costs.add(unit.round_trips)
                     else:
                         resent_executes.add(unit.messages.get("Execute", 0))
             finally:
                 await admin.close()
-    assert failures == []
     # The race happened (else this test proves nothing); each resend opened one connection.
     assert resends[0] > 0
-    assert resent_executes == {1}  # the statement itself ran once
+    if path == "direct":
+        assert failures == []
+    else:
+        # Before: about 68 of 100 failed ("server conn crashed?"). The new client connection
+        # can be given another of the pooler's dying server connections, and a round trip is
+        # sent again only once: a few may still fail, each after a resend.
+        assert len(failures) < RESTART_CYCLES // 10, failures
+    assert resent_executes == {1}  # a resent unit's statement ran once
     assert healthy_costs <= {healthy_cost}, healthy_costs
 
 
