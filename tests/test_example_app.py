@@ -381,7 +381,7 @@ async def test_rejected_login_is_503_without_retry_after(
         (
             CommitOutcomeUnknown("the connection was lost during COMMIT"),
             503,
-            "the database did not confirm the write: read before retrying",
+            "outcome unknown: the database did not confirm the write; read before retrying",
             None,
         ),
         (DatabaseError("XX000"), 500, "internal error", None),

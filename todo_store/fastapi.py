@@ -1,0 +1,477 @@
+"""FastAPI integration (extra `[fastapi]`): the store's lifespan, a unit of work per request,
+and the HTTP response of every error the package raises.
+
+```python
+from typing import Annotated
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
+from todo_store import TaskRead, TaskRepo
+from todo_store.fastapi import TaskIdPath, add_error_handlers, store_lifespan, unit_of_work
+
+app = FastAPI(lifespan=store_lifespan())
+add_error_handlers(app)
+Work = Annotated[AsyncSession, unit_of_work(user_id=current_user_id, atomic=False)]
+
+@app.get("/tasks/{task_id}")
+async def get_task(task_id: TaskIdPath, user_id: CurrentUser, session: Work) -> TaskRead:
+    return TaskRead.model_validate(await TaskRepo(session).get(user_id, task_id))
+```
+
+Guarantees:
+- a unit of work from `unit_of_work` ends (commits, or rolls back when the route raises)
+  before the response is sent, so a 2xx means the write is committed and a failed commit
+  becomes its error response, never a 2xx;
+- every package error becomes a fixed response (see `add_error_handlers`): no driver text, no
+  input value and no user data reaches a client;
+- 422 bodies have one shape, `{"detail": [{"loc": [where, field, ...], "msg", "type"}]}`, where
+  `where` is `body`, `query`, `path` or `header`, whether FastAPI or a repository refused it.
+
+Importing `todo_store` never imports this module, nor FastAPI.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at
+# runtime, and those of `unit_of_work` refer to the caller's dependency in a closure.
+
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated, Any, Final
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from todo_store.engine import TodoStore
+from todo_store.errors import (
+    CommitOutcomeUnknown,
+    ConflictError,
+    ConnectionRejected,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidData,
+    NotFoundError,
+    SchemaNotReady,
+    TaskNotFound,
+    TransactionConflict,
+    UserNotFound,
+)
+from todo_store.schemas import BIGINT_MAX, LIST_LIMIT_MAX
+from todo_store.settings import Settings
+
+__all__ = [
+    "BeforeQuery",
+    "ErrorBody",
+    "LimitQuery",
+    "TaskIdPath",
+    "add_error_handlers",
+    "error_responses",
+    "etag",
+    "get_store",
+    "if_match",
+    "store_lifespan",
+    "unit_of_work",
+    "use_store",
+]
+
+log = logging.getLogger("todo_store.fastapi")
+
+_STATE_KEY: Final = "todo_store"
+ERRORS_SHOWN: Final = 20  # errors listed in one 422 body
+TEXT_MAX: Final = 100  # characters of a field name or message shown in a 422 body
+RETRY_AFTER_S: Final = 1
+OUTCOME_UNKNOWN: Final = (
+    "outcome unknown: the database did not confirm the write; read before retrying"
+)
+
+# -- parameters, with the bounds the repositories enforce --------------------------------------
+
+TaskIdPath = Annotated[int, Path(gt=0, le=BIGINT_MAX, description="The task's id.")]
+LimitQuery = Annotated[
+    int, Query(ge=1, le=LIST_LIMIT_MAX, description="Tasks on one page, newest first.")
+]
+BeforeQuery = Annotated[
+    int | None,
+    Query(gt=0, le=BIGINT_MAX, description="Only tasks older than this id (the next page)."),
+]
+
+# -- the store: created at startup, disposed at shutdown ---------------------------------------
+
+
+def use_store(app: FastAPI, store: TodoStore) -> None:
+    """Serve `app` from `store`, which the caller keeps and disposes (tests, or a store built
+    elsewhere). `store_lifespan` then neither creates nor disposes one."""
+    setattr(app.state, _STATE_KEY, store)
+
+
+def get_store(request: Request) -> TodoStore:
+    """Dependency: the app's `TodoStore`. `RuntimeError` if the app has none (neither
+    `store_lifespan` ran nor `use_store` was called)."""
+    store: TodoStore | None = getattr(request.app.state, _STATE_KEY, None)
+    if store is None:
+        raise RuntimeError(
+            "this app has no TodoStore: create it with FastAPI(lifespan=store_lifespan()) "
+            "or call use_store(app, store)"
+        )
+    return store
+
+
+def store_lifespan(
+    settings: Settings | str | None = None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan for `FastAPI(lifespan=...)`: at startup a `TodoStore` from `settings` (a
+    `Settings` or a URL; default `TodoStore.from_env()`, i.e. `DATABASE_URL` and `.env`), at
+    shutdown its connections closed. An app given a store with `use_store` keeps it as is.
+
+    To run it inside a lifespan of your own: `async with store_lifespan()(app): ...`.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, _STATE_KEY, None) is not None:
+            yield
+            return
+        store = TodoStore.from_env() if settings is None else TodoStore(settings)
+        use_store(app, store)
+        try:
+            yield
+        finally:
+            setattr(app.state, _STATE_KEY, None)
+            await store.dispose()
+
+    return lifespan
+
+
+# -- a unit of work per request ----------------------------------------------------------------
+
+
+def unit_of_work(
+    *,
+    user_id: Callable[..., Any] | None,
+    atomic: bool = True,
+    read_only: bool = False,
+) -> Any:
+    """The dependency marker giving a route its unit of work: `Annotated[AsyncSession,
+    unit_of_work(user_id=current_user_id)]`.
+
+    `user_id` is the application's dependency that returns the caller's id (e.g. from a
+    verified Better Auth token); the unit of work is bound to that user in the database
+    (`TodoStore.session(user_id=...)`). FastAPI calls that dependency once per request, so a
+    route that also declares it gets the same value. `user_id=None` gives an unbound unit
+    (work across users): it must be asked for by name.
+
+    `atomic` and `read_only` are `TodoStore.session`'s. The unit of work ends before the
+    response is sent: committed when the route returns, rolled back when it raises; an error
+    at commit becomes that error's response.
+    """
+    if user_id is not None and not callable(user_id):
+        raise TypeError("user_id must be the dependency that returns the caller's user id")
+    options: dict[str, Any] = {"atomic": atomic, "read_only": read_only}
+
+    if user_id is None:
+
+        async def unbound_unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
+            async with get_store(request).session(**options) as session:
+                yield session
+
+        return Depends(unbound_unit_of_work, scope="function")
+
+    async def unit_of_work_for_caller(
+        request: Request, caller: Annotated[str, Depends(user_id)]
+    ) -> AsyncIterator[AsyncSession]:
+        async with get_store(request).session(**options, **_bound_to(caller)) as session:
+            yield session
+
+    # scope="function": the unit of work closes when the route returns, before the response.
+    return Depends(unit_of_work_for_caller, scope="function")
+
+
+def _bound_to(caller: str) -> dict[str, Any]:
+    # Until the store binds units of work to a user, the repositories' own owner filter is
+    # the only wall; the caller's id still scopes every repository call.
+    return {"user_id": caller} if _SESSION_BINDS_USERS else {}
+
+
+def _session_binds_users() -> bool:
+    import inspect  # noqa: PLC0415 - once, at import
+
+    return "user_id" in inspect.signature(TodoStore.session).parameters
+
+
+_SESSION_BINDS_USERS: Final = _session_binds_users()
+
+# -- versions over HTTP: ETag and If-Match ------------------------------------------------------
+
+_ENTITY_TAG = re.compile(r'"(\d{1,18})"')
+
+
+def etag(version: int) -> str:
+    """The `ETag` header value of a task at `version` (a strong entity tag, `"7"`)."""
+    return f'"{version}"'
+
+
+def if_match(*, required: bool = False) -> Any:
+    """The dependency marker for a route's `If-Match` header, as the version a write expects:
+    `Annotated[int | None, if_match()]`.
+
+    No header: `None` (the write applies to any version), or 428 when `required`. `*`: `None`.
+    One strong entity tag from `etag()`: its version. A weak tag or any other tag can never
+    match a task's current version: 412. More than one tag: 422.
+    """
+
+    def expected_version(
+        if_match: Annotated[str | None, Header(description="ETag of the version you read.")] = None,
+    ) -> int | None:
+        if if_match is None:
+            if required:
+                raise HTTPException(428, "If-Match required: send the ETag you read")
+            return None
+        value = if_match.strip()
+        if value == "*":
+            return None
+        if "," in value:
+            raise RequestValidationError(
+                [{"loc": ("header", "if-match"), "msg": "one entity tag, or *", "type": "value"}]
+            )
+        match = _ENTITY_TAG.fullmatch(value)
+        if match is None:
+            raise HTTPException(412, "precondition failed: the task has changed")
+        return int(match[1])
+
+    return Depends(expected_version)
+
+
+# -- error responses ----------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response but 422."""
+
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    """One entry of a 422 body's `detail`."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+_RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds after which the same request may succeed.",
+        "schema": {"type": "integer"},
+    }
+}
+_RESPONSES: Final[Mapping[int, dict[str, Any]]] = {
+    404: {"model": ErrorBody, "description": "Not found, or another user's (the same body)."},
+    409: {"model": ErrorBody, "description": "A uniqueness rule refused the write."},
+    412: {
+        "model": ErrorBody,
+        "description": "If-Match names a version the task no longer has.",
+        "headers": {"ETag": {"description": "The current version.", "schema": {"type": "string"}}},
+    },
+    428: {"model": ErrorBody, "description": "If-Match is required on this route."},
+    500: {"model": ErrorBody, "description": "A database error the package does not classify."},
+    503: {
+        "model": ErrorBody,
+        "description": (
+            "The database is unavailable or busy (with Retry-After), refuses the service's "
+            "login, is not migrated, or did not confirm a write (the outcome is unknown: read "
+            "before retrying)."
+        ),
+        "headers": _RETRY_AFTER_HEADER,
+    },
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses (404, 409, 412, 428, 500, 503), as
+    `add_error_handlers` sends them. E.g. `FastAPI(responses=error_responses(500, 503))` and
+    `@router.get(..., responses=error_responses(404))`. FastAPI lists 422 by itself on every
+    route that takes input; `add_error_handlers` gives it the shape sent."""
+    unknown = set(status_codes) - set(_RESPONSES)
+    if unknown:
+        raise ValueError(f"no error response for status {sorted(unknown)}")
+    return {code: dict(_RESPONSES[code]) for code in status_codes}
+
+
+def _detail(status: int, detail: object, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _short(part: object) -> object:
+    if isinstance(part, str) and len(part) > TEXT_MAX:
+        return part[:TEXT_MAX] + "…"
+    return part
+
+
+def _located(loc: Sequence[object], request: Request) -> list[object]:
+    """A repository's `loc` (a field name) with where the request carried that field."""
+    if not loc:
+        return ["body"]
+    field = loc[0]
+    if field in request.path_params:
+        return ["path", *loc]
+    if isinstance(field, str) and field in request.query_params:
+        return ["query", *loc]
+    return ["body", *loc]
+
+
+def _validation_errors(errors: Sequence[Any]) -> list[dict[str, object]]:
+    # `loc` may hold a key the client sent (an unknown field): names and messages are cut to
+    # TEXT_MAX characters and at most ERRORS_SHOWN errors are listed, so a huge body never
+    # comes back in the response.
+    return [
+        {
+            "loc": [_short(part) for part in error["loc"]],
+            "msg": _short(error["msg"]),
+            "type": error["type"],
+        }
+        for error in errors[:ERRORS_SHOWN]
+    ]
+
+
+async def _request_invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+    return _detail(422, _validation_errors(error.errors()))
+
+
+async def _input_invalid(request: Request, error: ValidationError) -> JSONResponse:
+    # A repository refused an argument before any SQL; `loc` names the field.
+    errors = [
+        {**item, "loc": _located(item["loc"], request)}
+        for item in error.errors(include_input=False, include_url=False)
+    ]
+    return _detail(422, _validation_errors(errors))
+
+
+async def _rejected(_request: Request, _error: Exception) -> JSONResponse:
+    item = {"loc": ["body"], "msg": "a value was rejected by the database", "type": "invalid"}
+    return _detail(422, [item])
+
+
+async def _not_found(_request: Request, error: Exception) -> JSONResponse:
+    # Fixed bodies: another user's task is indistinguishable from a missing one.
+    if isinstance(error, TaskNotFound):
+        return _detail(404, "task not found")
+    return _detail(404, "user not found" if isinstance(error, UserNotFound) else "not found")
+
+
+async def _conflict(_request: Request, error: Exception) -> JSONResponse:
+    # The package's own message (e.g. "email is already used by another user"): it never
+    # carries a value the client sent.
+    return _detail(409, str(error))
+
+
+async def _unavailable(_request: Request, _error: Exception) -> JSONResponse:
+    return _detail(503, "database unavailable, retry shortly", _retry_after())
+
+
+async def _busy(_request: Request, _error: Exception) -> JSONResponse:
+    # Still conflicting after the retries of `store.run`: nothing was written, and the same
+    # request can succeed in a moment. A 409 would tell the client its request is wrong.
+    return _detail(503, "database busy, retry shortly", _retry_after())
+
+
+async def _misconfigured(_request: Request, error: Exception) -> JSONResponse:
+    # The database refuses this service's login or TLS: the operator must act, a client
+    # retrying soon will not help (no Retry-After).
+    log.error("database connection rejected: %s", error)
+    return _detail(503, "database unavailable")
+
+
+async def _outcome_unknown(_request: Request, error: Exception) -> JSONResponse:
+    log.warning("commit outcome unknown: %s", error)
+    return _detail(503, OUTCOME_UNKNOWN)
+
+
+async def _not_migrated(_request: Request, error: Exception) -> JSONResponse:
+    log.error("%s", error)
+    return _detail(503, "database schema not ready")
+
+
+async def _database_error(_request: Request, error: Exception) -> JSONResponse:
+    # Unclassified: a bug or a server fault, not the client's doing. The message holds the
+    # SQLSTATE and the package's words only.
+    log.error("database error: %s", error)
+    return _detail(500, "internal error")
+
+
+def _retry_after() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+# Starlette picks the handler of the nearest class in the exception's MRO, so a subclass an
+# application adds gets its base's response. Typed `Any`: Starlette's handler type takes any
+# `Exception`, these take their own class.
+_HANDLERS: Final[Mapping[type[Exception], Any]] = {
+    RequestValidationError: _request_invalid,
+    ValidationError: _input_invalid,
+    InvalidData: _rejected,
+    NotFoundError: _not_found,
+    ConflictError: _conflict,
+    DatabaseUnavailable: _unavailable,
+    TransactionConflict: _busy,
+    ConnectionRejected: _misconfigured,
+    CommitOutcomeUnknown: _outcome_unknown,
+    SchemaNotReady: _not_migrated,
+    DatabaseError: _database_error,
+}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Map every package error to its response, and 422s to one shape (also in OpenAPI):
+
+    | error | status | body `detail` |
+    |---|---|---|
+    | request validation; a repository's `pydantic.ValidationError` | 422 | `[{loc, msg, type}]` |
+    | `InvalidData` (a CHECK refused a value) | 422 | `[{loc: ["body"], ...}]` |
+    | `TaskNotFound`, `UserNotFound`, other `NotFoundError` | 404 | fixed text |
+    | `ConflictError` (`EmailTaken`, `DuplicateKey`) | 409 | the error's message |
+    | `DatabaseUnavailable`, `TransactionConflict` | 503 + `Retry-After: 1` | fixed text |
+    | `ConnectionRejected`, `SchemaNotReady` (logged) | 503 | fixed text |
+    | `CommitOutcomeUnknown` (logged) | 503 | "outcome unknown: ... read before retrying" |
+    | any other `DatabaseError` (logged) | 500 | `"internal error"` |
+    """
+    for error, handler in _HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    _document_422(app)
+
+
+def _document_422(app: FastAPI) -> None:
+    """Make OpenAPI's validation-error schemas (FastAPI lists them on every route that takes
+    input) the shape the handlers send."""
+    make_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            components = schema.get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in components:
+                components["HTTPValidationError"] = _HTTP_VALIDATION_ERROR
+                components["ValidationError"] = ValidationErrorItem.model_json_schema()
+        return app.openapi_schema or make_schema()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_HTTP_VALIDATION_ERROR: Final = {
+    "title": "HTTPValidationError",
+    "description": (
+        "Bad input: where (`loc`: `body`, `query`, `path` or `header`, then the field) and "
+        "why, never the value given."
+    ),
+    "type": "object",
+    "properties": {
+        "detail": {
+            "title": "Detail",
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/ValidationError"},
+            "maxItems": ERRORS_SHOWN,
+        }
+    },
+    "required": ["detail"],
+}
