@@ -19,8 +19,16 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from todo_store import TaskCreate, TaskPatch, TaskRead, TaskRepo, TodoStore, UserProfile
-from todo_store import UserRead, UserRepo
+from todo_store import (
+    TaskCreate,
+    TaskPatch,
+    TaskRead,
+    TaskRepo,
+    TodoStore,
+    UserProfile,
+    UserRead,
+    UserRepo,
+)
 from todo_store.fastapi import (
     BeforeQuery,
     LimitQuery,
