@@ -159,14 +159,6 @@ async def test_a_read_only_unit_refuses_writes(store: TodoStore, user_id: str) -
         assert await TaskRepo(session).count_for(user_id) == 0
 
 
-@pytest.fixture(params=["direct", "pgbouncer"])
-def served_store(request: pytest.FixtureRequest) -> TodoStore:
-    """The committing test store, reached directly or through PgBouncer (transaction mode)."""
-    name = "store" if request.param == "direct" else "pooled_store"
-    served: TodoStore = request.getfixturevalue(name)
-    return served
-
-
 async def test_two_users_never_see_each_others_tasks(
     store: TodoStore, served_store: TodoStore, user_id: str
 ) -> None:
