@@ -6,7 +6,7 @@ Every request's unit of work is bound to the caller (`current_user_id`). A route
 one repository call uses a non-atomic unit (`OneCall`: the call commits by itself, half the
 round trips); `POST /tasks/batch` must create all its tasks or none (`AllOrNone`); `GET /me`
 reads three things in one read-only snapshot (`Snapshot`). Error responses are the
-integration's (`add_error_handlers`): 401 without an identity, 404 for a task that is missing
+integration's (`install`): 401 without an identity, 404 for a task that is missing
 or another user's (the same body), 409 for a taken email, 422 naming the field, 503 when the
 database is unavailable.
 """
@@ -15,26 +15,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException
+from fastapi import APIRouter, Body, FastAPI, Header, HTTPException
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from todo_store import (
     TaskCreate,
     TaskPatch,
     TaskRead,
-    TaskRepo,
     TodoStore,
     UserProfile,
     UserRead,
-    UserRepo,
 )
 from todo_store.fastapi import (
     BeforeQuery,
     LimitQuery,
     TaskIdPath,
-    add_error_handlers,
+    UnitOfWork,
     error_responses,
+    install,
     store_lifespan,
     unit_of_work,
     use_store,
@@ -51,10 +49,9 @@ async def current_user_id(x_user_id: Annotated[str | None, Header()] = None) -> 
     return x_user_id
 
 
-UserId = Annotated[str, Depends(current_user_id)]
-OneCall = Annotated[AsyncSession, unit_of_work(user_id=current_user_id, atomic=False)]
-AllOrNone = Annotated[AsyncSession, unit_of_work(user_id=current_user_id)]
-Snapshot = Annotated[AsyncSession, unit_of_work(user_id=current_user_id, read_only=True)]
+OneCall = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id, atomic=False)]
+AllOrNone = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id)]
+Snapshot = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id, read_only=True)]
 
 
 class TaskPage(BaseModel):
@@ -76,81 +73,76 @@ TASK_ERRORS = error_responses(404)
 
 
 @router.put("/me", responses=error_responses(409))
-async def put_me(body: UserProfile, user_id: UserId, session: OneCall) -> UserRead:
-    user = await UserRepo(session).upsert(user_id, email=body.email, name=body.name)
+async def put_me(body: UserProfile, work: OneCall) -> UserRead:
+    user = await work.users.upsert(work.user_id, email=body.email, name=body.name)
     return UserRead.model_validate(user)
 
 
 @router.get("/me", responses=error_responses(404))
-async def get_me(user_id: UserId, session: Snapshot) -> Me:
-    tasks = TaskRepo(session)
+async def get_me(work: Snapshot) -> Me:
     return Me(
-        user=UserRead.model_validate(await UserRepo(session).get(user_id)),
-        open_tasks=await tasks.count_for(user_id, completed=False),
-        done_tasks=await tasks.count_for(user_id, completed=True),
+        user=UserRead.model_validate(await work.users.get(work.user_id)),
+        open_tasks=await work.tasks.count_for(work.user_id, completed=False),
+        done_tasks=await work.tasks.count_for(work.user_id, completed=True),
     )
 
 
 @router.get("/tasks")
 async def list_tasks(
-    user_id: UserId,
-    session: OneCall,
+    work: OneCall,
     completed: bool | None = None,
     limit: LimitQuery = 50,
     before: BeforeQuery = None,
 ) -> TaskPage:
-    tasks = await TaskRepo(session).list_for(
-        user_id, completed=completed, limit=limit, before=before
-    )
+    tasks = await work.tasks.list_for(work.user_id, completed=completed, limit=limit, before=before)
     # A full page may have a successor; a short one is the last.
     next_before = tasks[-1].id if len(tasks) == limit else None
     return TaskPage(items=[TaskRead.model_validate(t) for t in tasks], next_before=next_before)
 
 
 @router.post("/tasks", status_code=201, responses=error_responses(404))
-async def create_task(body: TaskCreate, user_id: UserId, session: OneCall) -> TaskRead:
-    task = await TaskRepo(session).create(user_id, title=body.title, description=body.description)
+async def create_task(body: TaskCreate, work: OneCall) -> TaskRead:
+    task = await work.tasks.create(work.user_id, title=body.title, description=body.description)
     return TaskRead.model_validate(task)
 
 
 @router.post("/tasks/batch", status_code=201, responses=error_responses(404))
 async def create_tasks(
     body: Annotated[list[TaskCreate], Body(min_length=1, max_length=BATCH_MAX)],
-    user_id: UserId,
-    session: AllOrNone,
+    work: AllOrNone,
 ) -> list[TaskRead]:
-    tasks = TaskRepo(session)
-    created = [await tasks.create(user_id, title=t.title, description=t.description) for t in body]
+    created = [
+        await work.tasks.create(work.user_id, title=new.title, description=new.description)
+        for new in body
+    ]
     return [TaskRead.model_validate(task) for task in created]
 
 
 # Declared before /tasks/{task_id}: routes match in order, and "count" would be taken as an id.
 @router.get("/tasks/count")
-async def count_tasks(user_id: UserId, session: OneCall, completed: bool | None = None) -> int:
-    return await TaskRepo(session).count_for(user_id, completed=completed)
+async def count_tasks(work: OneCall, completed: bool | None = None) -> int:
+    return await work.tasks.count_for(work.user_id, completed=completed)
 
 
 @router.get("/tasks/{task_id}", responses=TASK_ERRORS)
-async def get_task(task_id: TaskIdPath, user_id: UserId, session: OneCall) -> TaskRead:
-    return TaskRead.model_validate(await TaskRepo(session).get(user_id, task_id))
+async def get_task(task_id: TaskIdPath, work: OneCall) -> TaskRead:
+    return TaskRead.model_validate(await work.tasks.get(work.user_id, task_id))
 
 
 @router.patch("/tasks/{task_id}", responses=TASK_ERRORS)
-async def patch_task(
-    task_id: TaskIdPath, body: TaskPatch, user_id: UserId, session: OneCall
-) -> TaskRead:
-    task = await TaskRepo(session).update(user_id, task_id, **body.changes())
+async def patch_task(task_id: TaskIdPath, body: TaskPatch, work: OneCall) -> TaskRead:
+    task = await work.tasks.update(work.user_id, task_id, **body.changes())
     return TaskRead.model_validate(task)
 
 
 @router.post("/tasks/{task_id}/toggle", responses=TASK_ERRORS)
-async def toggle_task(task_id: TaskIdPath, user_id: UserId, session: OneCall) -> TaskRead:
-    return TaskRead.model_validate(await TaskRepo(session).toggle(user_id, task_id))
+async def toggle_task(task_id: TaskIdPath, work: OneCall) -> TaskRead:
+    return TaskRead.model_validate(await work.tasks.toggle(work.user_id, task_id))
 
 
 @router.delete("/tasks/{task_id}", status_code=204, responses=TASK_ERRORS)
-async def delete_task(task_id: TaskIdPath, user_id: UserId, session: OneCall) -> None:
-    await TaskRepo(session).delete(user_id, task_id)
+async def delete_task(task_id: TaskIdPath, work: OneCall) -> None:
+    await work.tasks.delete(work.user_id, task_id)
 
 
 def create_app(store: TodoStore | None = None) -> FastAPI:
@@ -160,5 +152,5 @@ def create_app(store: TodoStore | None = None) -> FastAPI:
     if store is not None:
         use_store(app, store)
     app.include_router(router)
-    add_error_handlers(app)
+    install(app)
     return app

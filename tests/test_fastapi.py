@@ -6,6 +6,7 @@ transport; `tests/test_example_app.py` covers the example service route by route
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
 from sqlalchemy import delete
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,9 +28,10 @@ import todo_store.errors
 from todo_store import Settings, Task, TaskRepo, TodoStore, TodoStoreError, User, UserRepo
 from todo_store.fastapi import (
     LimitQuery,
-    add_error_handlers,
+    UnitOfWork,
     error_responses,
     if_match,
+    install,
     store_lifespan,
     unit_of_work,
     use_store,
@@ -49,10 +52,11 @@ async def counted_caller(x_user_id: Annotated[str, Header()]) -> str:
     return x_user_id
 
 
-Atomic = Annotated[AsyncSession, unit_of_work(user_id=caller)]
-OneCall = Annotated[AsyncSession, unit_of_work(user_id=caller, atomic=False)]
-ReadOnly = Annotated[AsyncSession, unit_of_work(user_id=caller, read_only=True)]
-CountedCall = Annotated[AsyncSession, unit_of_work(user_id=counted_caller, atomic=False)]
+Atomic = Annotated[UnitOfWork, unit_of_work(user_id=caller)]
+OneCall = Annotated[UnitOfWork, unit_of_work(user_id=caller, atomic=False)]
+ReadOnly = Annotated[UnitOfWork, unit_of_work(user_id=caller, read_only=True)]
+CountedCall = Annotated[UnitOfWork, unit_of_work(user_id=counted_caller, atomic=False)]
+Unbound = Annotated[AsyncSession, unit_of_work(user_id=None, atomic=False)]
 
 
 def _client(app: FastAPI) -> httpx.AsyncClient:
@@ -63,7 +67,7 @@ def _app(store: TodoStore | None = None) -> FastAPI:
     app = FastAPI(lifespan=store_lifespan())
     if store is not None:
         use_store(app, store)
-    add_error_handlers(app)
+    install(app)
     return app
 
 
@@ -94,10 +98,10 @@ async def test_the_unit_of_work_commits_before_the_response(store: TodoStore, us
     app = _app(store)
 
     @app.post("/orm-task")
-    async def orm_task(owner: Annotated[str, Header()], session: Atomic) -> str:
+    async def orm_task(owner: Annotated[str, Header()], work: Atomic) -> str:
         # Flushed only at commit, after the route returned: a commit that fails must be the
         # response, not a 200 already sent.
-        session.add(Task(user_id=owner, title="written at commit"))
+        work.session.add(Task(user_id=owner, title="written at commit"))
         return "sent"
 
     async with _client(app) as http:
@@ -113,8 +117,8 @@ async def test_a_route_that_raises_leaves_nothing_written(store: TodoStore, user
     app = _app(store)
 
     @app.post("/half")
-    async def half(user: Annotated[str, Depends(caller)], session: Atomic) -> None:
-        await TaskRepo(session).create(user, title="first of two")
+    async def half(work: Atomic) -> None:
+        await work.tasks.create(work.user_id, title="first of two")
         raise HTTPException(418, "stopped half way")
 
     async with _client(app) as http:
@@ -124,13 +128,72 @@ async def test_a_route_that_raises_leaves_nothing_written(store: TodoStore, user
         assert await TaskRepo(session).count_for(user_id) == 0
 
 
+async def test_an_error_status_rolls_back(store: TodoStore, user_id: str) -> None:
+    app = _app(store)
+
+    @app.post("/refused")
+    async def refused(work: Atomic) -> JSONResponse:
+        await work.tasks.create(work.user_id, title="answered with an error")
+        return JSONResponse({"detail": "refused"}, status_code=409)
+
+    async with _client(app) as http:
+        response = await http.post("/refused", headers={"x-user-id": user_id})
+    assert response.status_code == 409
+    async with store.session() as session:
+        assert await TaskRepo(session).count_for(user_id) == 0
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), asyncio.CancelledError()])
+async def test_an_escaping_exception_rolls_back_and_passes_unchanged(
+    store: TodoStore, user_id: str, error: BaseException
+) -> None:
+    app = _app(store)
+
+    @app.post("/escapes")
+    async def escapes(work: Atomic) -> None:
+        await work.tasks.create(work.user_id, title="written before the error")
+        raise error
+
+    async with _client(app) as http:
+        with pytest.raises(type(error)) as raised:
+            await http.post("/escapes", headers={"x-user-id": user_id})
+    assert raised.value is error
+    async with store.session() as session:
+        assert await TaskRepo(session).count_for(user_id) == 0
+
+
+async def test_an_unbound_unit_is_a_plain_session(store: TodoStore, user_id: str) -> None:
+    app = _app(store)
+
+    @app.get("/users/{owner}/count")
+    async def count(owner: str, session: Unbound) -> int:
+        return await TaskRepo(session).count_for(owner)
+
+    async with _client(app) as http:
+        response = await http.get(f"/users/{user_id}/count")
+    assert (response.status_code, response.json()) == (200, 0)
+
+
+async def test_parameters_with_one_marker_share_the_unit(store: TodoStore, user_id: str) -> None:
+    app = _app(store)
+
+    @app.get("/same")
+    async def same(first: Atomic, second: Atomic, third: ReadOnly) -> list[bool]:
+        return [first is second, first is third]
+
+    async with _client(app) as http:
+        response = await http.get("/same", headers={"x-user-id": user_id})
+    assert response.json() == [True, False]
+
+
 async def test_the_callers_dependency_runs_once_per_request(store: TodoStore, user_id: str) -> None:
     calls.clear()
     app = _app(store)
 
     @app.get("/count")
-    async def count(user: Annotated[str, Depends(counted_caller)], session: CountedCall) -> int:
-        return await TaskRepo(session).count_for(user)
+    async def count(user: Annotated[str, Depends(counted_caller)], work: CountedCall) -> int:
+        assert work.user_id == user
+        return await work.tasks.count_for(user)
 
     async with _client(app) as http:
         response = await http.get("/count", headers={"x-user-id": user_id})
@@ -148,8 +211,8 @@ async def test_a_read_only_unit_refuses_writes(store: TodoStore, user_id: str) -
     app = _app(store)
 
     @app.post("/write-while-reading")
-    async def write(user: Annotated[str, Depends(caller)], session: ReadOnly) -> None:
-        await TaskRepo(session).create(user, title="must not be written")
+    async def write(work: ReadOnly) -> None:
+        await work.tasks.create(work.user_id, title="must not be written")
 
     async with _client(app) as http:
         response = await http.post("/write-while-reading", headers={"x-user-id": user_id})
@@ -169,12 +232,12 @@ async def test_two_users_never_see_each_others_tasks(
     app = _app(served)
 
     @app.post("/tasks")
-    async def create(user: Annotated[str, Depends(caller)], session: OneCall) -> int:
-        return (await TaskRepo(session).create(user, title="mine")).id
+    async def create(work: OneCall) -> int:
+        return (await work.tasks.create(work.user_id, title="mine")).id
 
     @app.get("/tasks/{task_id}")
-    async def get(task_id: int, user: Annotated[str, Depends(caller)], session: OneCall) -> str:
-        return (await TaskRepo(session).get(user, task_id)).user_id
+    async def get(task_id: int, work: OneCall) -> str:
+        return (await work.tasks.get(work.user_id, task_id)).user_id
 
     try:
         async with _client(app) as http:
@@ -205,7 +268,7 @@ def _package_errors() -> list[type[TodoStoreError]]:
 @pytest.mark.parametrize("error", _package_errors(), ids=lambda error: error.__name__)
 def test_every_package_error_has_a_response(error: type[TodoStoreError]) -> None:
     app = FastAPI()
-    add_error_handlers(app)
+    install(app)
     handled = [cls for cls in error.__mro__ if cls in app.exception_handlers]
     assert handled, f"{error.__name__} has no handler"
     # Not only the root: each error gets a response that says what happened.
@@ -220,17 +283,13 @@ async def test_422_has_one_shape_whoever_refused_the_input(store: TodoStore, use
         return limit
 
     @app.get("/unbounded/{before}")
-    async def unbounded(
-        before: int, limit: int, user: Annotated[str, Depends(caller)], session: OneCall
-    ) -> None:
+    async def unbounded(before: int, limit: int, work: OneCall) -> None:
         # No bounds declared here: the repository refuses the values itself.
-        await TaskRepo(session).list_for(user, limit=limit, before=before)
+        await work.tasks.list_for(work.user_id, limit=limit, before=before)
 
     @app.post("/loose")
-    async def loose(
-        body: dict[str, Any], user: Annotated[str, Depends(caller)], session: OneCall
-    ) -> None:
-        await TaskRepo(session).create(user, title=body["title"])
+    async def loose(body: dict[str, Any], work: OneCall) -> None:
+        await work.tasks.create(work.user_id, title=body["title"])
 
     as_user = {"x-user-id": user_id}
     async with _client(app) as http:
@@ -260,8 +319,8 @@ async def test_database_outage_is_503_with_retry_after_then_recovers(
     app = _app()
 
     @app.get("/count")
-    async def count(user: Annotated[str, Depends(caller)], session: OneCall) -> int:
-        return await TaskRepo(session).count_for(user)
+    async def count(work: OneCall) -> int:
+        return await work.tasks.count_for(work.user_id)
 
     try:
         async with TodoStore(settings) as through_bouncer, _client(app) as http:
@@ -331,15 +390,15 @@ async def test_lifespan_creates_the_store_and_disposes_it(
     todo_store_settings: Settings, user_id: str
 ) -> None:
     app = FastAPI(lifespan=store_lifespan(todo_store_settings))
-    add_error_handlers(app)
+    install(app)
 
     connections: list[Any] = []
 
     @app.get("/count")
-    async def count(user: Annotated[str, Depends(caller)], session: OneCall) -> int:
-        raw = await (await session.connection()).get_raw_connection()
+    async def count(work: OneCall) -> int:
+        raw = await (await work.session.connection()).get_raw_connection()
         connections.append(raw.driver_connection)
-        return await TaskRepo(session).count_for(user)
+        return await work.tasks.count_for(work.user_id)
 
     async with app.router.lifespan_context(app), _client(app) as http:
         assert isinstance(app.state.todo_store, TodoStore)
@@ -358,14 +417,18 @@ async def test_lifespan_leaves_a_given_store_to_its_owner(store: TodoStore) -> N
     await store.ping()
 
 
-async def test_an_app_without_a_store_says_how_to_give_it_one() -> None:
-    app = FastAPI()
+async def test_an_app_without_the_integration_or_a_store_says_what_is_missing() -> None:
+    bare, storeless = FastAPI(), _app()
+    for app in (bare, storeless):
 
-    @app.get("/work")
-    async def work(session: OneCall) -> None:
-        pass
+        @app.get("/work")
+        async def work(unit: OneCall) -> None:
+            pass
 
-    async with _client(app) as http:
+    async with _client(bare) as http:
+        with pytest.raises(RuntimeError, match=r"install\(app\)"):
+            await http.get("/work", headers={"x-user-id": "u_1"})
+    async with _client(storeless) as http:
         with pytest.raises(RuntimeError, match="store_lifespan"):
             await http.get("/work", headers={"x-user-id": "u_1"})
 
