@@ -23,6 +23,7 @@ from benchmarks import environment
 from benchmarks.chart import draw
 from benchmarks.comparison import RAW, TODO_STORE, TODO_STORE_NON_ATOMIC, TUTORIAL, compare
 from benchmarks.comparison import Plan as ComparisonPlan
+from benchmarks.fastapi import FastapiOverhead, measure_fastapi
 from benchmarks.leak import measure_leaks, statement_cache_on_old_pgbouncer
 from benchmarks.peers import HOT_CALLS
 from benchmarks.report import Results, render
@@ -43,15 +44,17 @@ class Plan:
     comparison: ComparisonPlan
     scaling_sizes: list[int]
     scaling_samples: int
+    fastapi_pairs: int
 
 
-FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51)
+FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51, 100)
 QUICK = Plan(
     2,
     300,
     ComparisonPlan(users=50, tasks_per_user=50, rounds=2, seconds=0.4, warmup_seconds=0.1),
     [10**4, 10**5],
     11,
+    20,
 )
 
 
@@ -70,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace, command: str) -> Results:
+async def run(args: argparse.Namespace, command: str) -> tuple[Results, FastapiOverhead | None]:
     plan = QUICK if args.quick else FULL
     rtt = args.rtt_ms / 1000
     everything = args.only is None
@@ -102,9 +105,13 @@ async def run(args: argparse.Namespace, command: str) -> Results:
                 scaling = await measure_scaling(
                     scaling_db, sizes=plan.scaling_sizes, samples=plan.scaling_samples
                 )
+        fastapi = None
+        if everything:
+            async with environment.database(server, "fastapi") as fastapi_db:
+                fastapi = await measure_fastapi(fastapi_db, pairs=plan.fastapi_pairs)
     chart = args.output.with_suffix(".png")
     why_not = draw(comparison, chart_round_trips(paths), chart)
-    return Results(
+    results = Results(
         command=command,
         quick=args.quick,
         rtt=rtt,
@@ -122,6 +129,7 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         scaling=scaling,
         scaling_samples=plan.scaling_samples,
     )
+    return results, fastapi
 
 
 # Round-trip configurations shown next to the comparison's implementations in the chart.
@@ -157,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     started = time.perf_counter()
-    results = asyncio.run(run(args, command))
-    report = render(results)
+    results, fastapi = asyncio.run(run(args, command))
+    report = render(results) + ("\n" + fastapi.markdown() if fastapi is not None else "")
     args.output.write_text(report, encoding="utf-8")
     print(report)
     took = time.perf_counter() - started
