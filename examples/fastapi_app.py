@@ -7,15 +7,16 @@ one repository call uses a non-atomic unit (`OneCall`: the call commits by itsel
 round trips); `POST /tasks/batch` must create all its tasks or none (`AllOrNone`); `GET /me`
 reads three things in one read-only snapshot (`Snapshot`). Error responses are the
 integration's (`install`): 401 without an identity, 404 for a task that is missing
-or another user's (the same body), 409 for a taken email, 422 naming the field, 503 when the
-database is unavailable.
+or another user's (the same body), 409 for a taken email, 412 for an edit whose If-Match is
+stale, 422 naming the field, 503 when the database is unavailable. Reads and edits of a task
+answer with its `ETag`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, FastAPI, Header, HTTPException
+from fastapi import APIRouter, Body, FastAPI, Header, HTTPException, Response
 from pydantic import BaseModel
 
 from todo_store import (
@@ -32,6 +33,8 @@ from todo_store.fastapi import (
     TaskIdPath,
     UnitOfWork,
     error_responses,
+    etag,
+    if_match,
     install,
     store_lifespan,
     unit_of_work,
@@ -52,6 +55,7 @@ async def current_user_id(x_user_id: Annotated[str | None, Header()] = None) -> 
 OneCall = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id, atomic=False)]
 AllOrNone = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id)]
 Snapshot = Annotated[UnitOfWork, unit_of_work(user_id=current_user_id, read_only=True)]
+IfMatch = Annotated[int | None, if_match()]
 
 
 class TaskPage(BaseModel):
@@ -69,7 +73,7 @@ class Me(BaseModel):
 
 
 router = APIRouter(responses=error_responses(500, 503))
-TASK_ERRORS = error_responses(404)
+EDIT_ERRORS = error_responses(404, 412)
 
 
 @router.put("/me", responses=error_responses(409))
@@ -101,8 +105,9 @@ async def list_tasks(
 
 
 @router.post("/tasks", status_code=201, responses=error_responses(404))
-async def create_task(body: TaskCreate, work: OneCall) -> TaskRead:
+async def create_task(body: TaskCreate, work: OneCall, response: Response) -> TaskRead:
     task = await work.tasks.create(work.user_id, title=body.title, description=body.description)
+    response.headers["ETag"] = etag(task.version)
     return TaskRead.model_validate(task)
 
 
@@ -124,25 +129,38 @@ async def count_tasks(work: OneCall, completed: bool | None = None) -> int:
     return await work.tasks.count_for(work.user_id, completed=completed)
 
 
-@router.get("/tasks/{task_id}", responses=TASK_ERRORS)
-async def get_task(task_id: TaskIdPath, work: OneCall) -> TaskRead:
-    return TaskRead.model_validate(await work.tasks.get(work.user_id, task_id))
-
-
-@router.patch("/tasks/{task_id}", responses=TASK_ERRORS)
-async def patch_task(task_id: TaskIdPath, body: TaskPatch, work: OneCall) -> TaskRead:
-    task = await work.tasks.update(work.user_id, task_id, **body.changes())
+@router.get("/tasks/{task_id}", responses=error_responses(404))
+async def get_task(task_id: TaskIdPath, work: OneCall, response: Response) -> TaskRead:
+    task = await work.tasks.get(work.user_id, task_id)
+    response.headers["ETag"] = etag(task.version)
     return TaskRead.model_validate(task)
 
 
-@router.post("/tasks/{task_id}/toggle", responses=TASK_ERRORS)
-async def toggle_task(task_id: TaskIdPath, work: OneCall) -> TaskRead:
-    return TaskRead.model_validate(await work.tasks.toggle(work.user_id, task_id))
+# Edits take the ETag the client read as If-Match: a task changed since is a 412 with its
+# current ETag, never a silent overwrite. Without If-Match the last write wins.
+@router.patch("/tasks/{task_id}", responses=EDIT_ERRORS)
+async def patch_task(
+    task_id: TaskIdPath, body: TaskPatch, work: OneCall, expected: IfMatch, response: Response
+) -> TaskRead:
+    task = await work.tasks.update(
+        work.user_id, task_id, expected_version=expected, **body.changes()
+    )
+    response.headers["ETag"] = etag(task.version)
+    return TaskRead.model_validate(task)
 
 
-@router.delete("/tasks/{task_id}", status_code=204, responses=TASK_ERRORS)
-async def delete_task(task_id: TaskIdPath, work: OneCall) -> None:
-    await work.tasks.delete(work.user_id, task_id)
+@router.post("/tasks/{task_id}/toggle", responses=EDIT_ERRORS)
+async def toggle_task(
+    task_id: TaskIdPath, work: OneCall, expected: IfMatch, response: Response
+) -> TaskRead:
+    task = await work.tasks.toggle(work.user_id, task_id, expected_version=expected)
+    response.headers["ETag"] = etag(task.version)
+    return TaskRead.model_validate(task)
+
+
+@router.delete("/tasks/{task_id}", status_code=204, responses=EDIT_ERRORS)
+async def delete_task(task_id: TaskIdPath, work: OneCall, expected: IfMatch) -> None:
+    await work.tasks.delete(work.user_id, task_id, expected_version=expected)
 
 
 def create_app(store: TodoStore | None = None) -> FastAPI:

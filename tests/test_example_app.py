@@ -507,3 +507,59 @@ async def _first_answer(
                 return await http.get(path, headers=headers)
             except httpx.ConnectError:
                 await asyncio.sleep(0.05)
+
+
+async def test_edits_with_a_stale_if_match_are_412_and_change_nothing(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    created = await client.post("/tasks", json={"title": "draft"}, headers=_as(me))
+    task_id, first = created.json()["id"], created.headers["etag"]
+    read = await client.get(f"/tasks/{task_id}", headers=_as(me))
+    assert read.headers["etag"] == first == '"1"'
+
+    edited = await client.patch(
+        f"/tasks/{task_id}", json={"title": "final"}, headers={**_as(me), "If-Match": first}
+    )
+    assert (edited.status_code, edited.headers["etag"]) == (200, '"2"')
+    stale = {**_as(me), "If-Match": first}
+    for method, suffix, body in [
+        ("PATCH", "", {"title": "overwritten"}),
+        ("POST", "/toggle", None),
+        ("DELETE", "", None),
+    ]:
+        response = await client.request(
+            method, f"/tasks/{task_id}{suffix}", json=body, headers=stale
+        )
+        assert response.status_code == 412, (method, suffix)
+        assert response.headers["etag"] == '"2"'
+        assert response.json() == {
+            "detail": "precondition failed: the task has changed; read it again"
+        }
+    now = (await client.get(f"/tasks/{task_id}", headers=_as(me))).json()
+    assert (now["title"], now["completed"], now["version"]) == ("final", False, 2)
+
+    # Without If-Match the last write wins; with the current ETag the delete goes through.
+    assert (await client.post(f"/tasks/{task_id}/toggle", headers=_as(me))).status_code == 200
+    current = {**_as(me), "If-Match": '"3"'}
+    assert (await client.delete(f"/tasks/{task_id}", headers=current)).status_code == 204
+
+
+async def test_two_editors_of_one_version_one_wins_one_gets_412(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    created = await client.post("/tasks", json={"title": "shared"}, headers=_as(me))
+    task_id, seen = created.json()["id"], created.headers["etag"]
+    headers = {**_as(me), "If-Match": seen}
+    first, second = await asyncio.gather(
+        client.patch(f"/tasks/{task_id}", json={"title": "from phone"}, headers=headers),
+        client.patch(f"/tasks/{task_id}", json={"title": "from laptop"}, headers=headers),
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 412]
+    winner = first if first.status_code == 200 else second
+    now = (await client.get(f"/tasks/{task_id}", headers=_as(me))).json()
+    assert now["title"] == winner.json()["title"]
+    assert now["version"] == 2

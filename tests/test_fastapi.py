@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import todo_store.errors
 from todo_store import Settings, Task, TaskRepo, TodoStore, TodoStoreError, User, UserRepo
 from todo_store.fastapi import (
+    STALE,
     LimitQuery,
     UnitOfWork,
     error_responses,
@@ -349,8 +350,10 @@ async def test_database_outage_is_503_with_retry_after_then_recovers(
         ("*", 200, None),
         ('"7"', 200, 7),
         (' "12" ', 200, 12),
-        ('W/"7"', 412, {"detail": "precondition failed: the task has changed"}),
-        ("7", 412, {"detail": "precondition failed: the task has changed"}),
+        ('W/"7"', 412, {"detail": STALE}),  # weak: never matches for a write
+        ("7", 412, {"detail": STALE}),
+        ('"0"', 412, {"detail": STALE}),  # no task has version 0 ...
+        (f'"{2**31}"', 412, {"detail": STALE}),  # ... nor one past the column's range
     ],
 )
 async def test_if_match_gives_the_expected_version(

@@ -60,9 +60,10 @@ from todo_store.errors import (
     TaskNotFound,
     TransactionConflict,
     UserNotFound,
+    VersionConflict,
 )
 from todo_store.repositories import TaskRepo, UserRepo
-from todo_store.schemas import BIGINT_MAX, LIST_LIMIT_MAX
+from todo_store.schemas import BIGINT_MAX, INTEGER_MAX, LIST_LIMIT_MAX
 from todo_store.settings import Settings
 
 __all__ = [
@@ -318,7 +319,8 @@ _SESSION_BINDS_USERS: Final = _session_binds_users()
 
 # -- versions over HTTP: ETag and If-Match ------------------------------------------------------
 
-_ENTITY_TAG = re.compile(r'"(\d{1,18})"')
+_ENTITY_TAG = re.compile(r'"([1-9][0-9]{0,9})"')
+STALE: Final = "precondition failed: the task has changed; read it again"
 
 
 def etag(version: int) -> str:
@@ -331,11 +333,13 @@ def if_match(*, required: bool = False) -> Any:
     `Annotated[int | None, if_match()]`.
 
     No header: `None` (the write applies to any version), or 428 when `required`. `*`: `None`.
-    One strong entity tag from `etag()`: its version. A weak tag or any other tag can never
-    match a task's current version: 412. More than one tag: 422.
+    One strong entity tag from `etag()`: its version; pass it as `expected_version=`, and a
+    task that has moved on is a `VersionConflict`, answered 412 with the current `ETag`. A weak
+    tag or any other tag can never match a task's version: 412. More than one tag: 422.
     """
 
-    def expected_version(
+    # async: FastAPI runs a plain function in a worker thread.
+    async def expected_version(
         if_match: Annotated[str | None, Header(description="ETag of the version you read.")] = None,
     ) -> int | None:
         if if_match is None:
@@ -350,8 +354,8 @@ def if_match(*, required: bool = False) -> Any:
                 [{"loc": ("header", "if-match"), "msg": "one entity tag, or *", "type": "value"}]
             )
         match = _ENTITY_TAG.fullmatch(value)
-        if match is None:
-            raise HTTPException(412, "precondition failed: the task has changed")
+        if match is None or int(match[1]) > INTEGER_MAX:
+            raise HTTPException(412, STALE)
         return int(match[1])
 
     return Depends(expected_version)
@@ -474,6 +478,10 @@ async def _not_found(_request: Request, error: Exception) -> JSONResponse:
     return _detail(404, "user not found" if isinstance(error, UserNotFound) else "not found")
 
 
+async def _stale(_request: Request, error: VersionConflict) -> JSONResponse:
+    return _detail(412, STALE, {"ETag": etag(error.current_version)})
+
+
 async def _conflict(_request: Request, error: Exception) -> JSONResponse:
     # The package's own message (e.g. "email is already used by another user"): it never
     # carries a value the client sent.
@@ -526,6 +534,7 @@ _HANDLERS: Final[Mapping[type[Exception], Any]] = {
     ValidationError: _input_invalid,
     InvalidData: _rejected,
     NotFoundError: _not_found,
+    VersionConflict: _stale,
     ConflictError: _conflict,
     DatabaseUnavailable: _unavailable,
     TransactionConflict: _busy,
@@ -545,7 +554,8 @@ def install(app: FastAPI) -> None:
     | request validation; a repository's `pydantic.ValidationError` | 422 | `[{loc, msg, type}]` |
     | `InvalidData` (a CHECK refused a value) | 422 | `[{loc: ["body"], ...}]` |
     | `TaskNotFound`, `UserNotFound`, other `NotFoundError` | 404 | fixed text |
-    | `ConflictError` (`EmailTaken`, `DuplicateKey`) | 409 | the error's message |
+    | `VersionConflict` (`expected_version=` stale) | 412 + current `ETag` | fixed text |
+    | other `ConflictError` (`EmailTaken`, `DuplicateKey`) | 409 | the error's message |
     | `DatabaseUnavailable`, `TransactionConflict` | 503 + `Retry-After: 1` | fixed text |
     | `ConnectionRejected`, `SchemaNotReady` (logged) | 503 | fixed text |
     | `CommitOutcomeUnknown` (logged) | 503 | "outcome unknown: ... read before retrying" |
