@@ -31,6 +31,7 @@ from todo_store.fastapi import (
     LimitQuery,
     UnitOfWork,
     error_responses,
+    get_store,
     if_match,
     install,
     store_lifespan,
@@ -410,6 +411,25 @@ async def test_lifespan_creates_the_store_and_disposes_it(
         assert not pooled.is_closed()
     assert pooled.is_closed()
     assert app.state.todo_store is None
+
+
+async def test_get_store_gives_routes_the_apps_store(store: TodoStore, user_id: str) -> None:
+    app = _app(store)
+
+    @app.get("/count")
+    async def count(
+        served: Annotated[TodoStore, Depends(get_store)], user: Annotated[str, Depends(caller)]
+    ) -> int:
+        assert served is store
+
+        async def work(session: AsyncSession) -> int:
+            return await TaskRepo(session).count_for(user)
+
+        return await served.run(work)
+
+    async with _client(app) as http:
+        response = await http.get("/count", headers={"x-user-id": user_id})
+    assert (response.status_code, response.json()) == (200, 0)
 
 
 async def test_lifespan_leaves_a_given_store_to_its_owner(store: TodoStore) -> None:

@@ -112,9 +112,14 @@ def use_store(app: FastAPI, store: TodoStore) -> None:
     setattr(app.state, _STATE_KEY, store)
 
 
-def get_store(request: Request) -> TodoStore:
-    """Dependency: the app's `TodoStore`. `RuntimeError` if the app has none (neither
-    `store_lifespan` ran nor `use_store` was called)."""
+async def get_store(request: Request) -> TodoStore:
+    """Dependency: the app's `TodoStore` (`Annotated[TodoStore, Depends(get_store)]`, e.g. for
+    `store.run(...)`). `RuntimeError` if the app has none (neither `store_lifespan` ran nor
+    `use_store` was called)."""
+    return _store_of(request)
+
+
+def _store_of(request: Request) -> TodoStore:
     store: TodoStore | None = getattr(request.app.state, _STATE_KEY, None)
     if store is None:
         raise RuntimeError(
@@ -299,7 +304,7 @@ async def _open(request: Request, options: dict[str, Any]) -> AsyncSession:
         raise RuntimeError(
             "unit_of_work needs todo_store.fastapi.install(app) (and an HTTP request)"
         )
-    unit = get_store(request).session(**options)
+    unit = _store_of(request).session(**options)
     session = await unit.__aenter__()
     units.append(unit)
     return session
