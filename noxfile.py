@@ -35,13 +35,17 @@ def tests_lowest(session: nox.Session) -> None:
 
 
 def _lowest_pins() -> list[str]:
-    """`name==lower bound` for the runtime requirements of pyproject.toml, the FastAPI extra's,
-    and the pytest ones the plugin runs on (the database provisioning extras are tools, not
-    API)."""
+    """`name==lower bound` for the runtime requirements of pyproject.toml, the pytest ones the
+    plugin runs on (the database provisioning extras are tools, not API), the FastAPI extra's
+    and OpenTelemetry's."""
     project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
-    testing = [r for r in extras["testing"] if r.startswith("pytest")]
-    requirements = project["dependencies"] + extras["fastapi"] + testing
+    requirements = (
+        project["dependencies"]
+        + [r for r in extras["testing"] if r.startswith("pytest")]
+        + extras["fastapi"]
+        + [r for r in extras["otel"] + extras["dev"] if r.startswith("opentelemetry")]
+    )
     pins = []
     for requirement in requirements:
         match = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?[^>]*>=([^,;\s]+)", requirement)

@@ -58,6 +58,7 @@ from todo_store.errors import (
     DatabaseUnavailable,
     InvalidData,
     NotFoundError,
+    ReadOnlyViolation,
     SchemaNotReady,
     TaskNotFound,
     TransactionConflict,
@@ -530,6 +531,12 @@ async def _not_migrated(_request: Request, error: Exception) -> JSONResponse:
     return _detail(503, "database schema not ready")
 
 
+async def _wrote_while_reading(_request: Request, error: Exception) -> JSONResponse:
+    # The route wrote in a unit of work it asked to be read-only: a bug of the service.
+    log.error("%s", error)
+    return _detail(500, "internal error")
+
+
 async def _database_error(_request: Request, error: Exception) -> JSONResponse:
     # Unclassified: a bug or a server fault, not the client's doing. The message holds the
     # SQLSTATE and the package's words only.
@@ -556,6 +563,7 @@ _HANDLERS: Final[Mapping[type[Exception], Any]] = {
     ConnectionRejected: _misconfigured,
     CommitOutcomeUnknown: _outcome_unknown,
     SchemaNotReady: _not_migrated,
+    ReadOnlyViolation: _wrote_while_reading,
     DatabaseError: _database_error,
 }
 
@@ -574,7 +582,7 @@ def install(app: FastAPI) -> None:
     | `DatabaseUnavailable`, `TransactionConflict` | 503 + `Retry-After: 1` | fixed text |
     | `ConnectionRejected`, `SchemaNotReady` (logged) | 503 | fixed text |
     | `CommitOutcomeUnknown` (logged) | 503 | "outcome unknown: ... read before retrying" |
-    | any other `DatabaseError` (logged) | 500 | `"internal error"` |
+    | `ReadOnlyViolation`, any other `DatabaseError` (logged) | 500 | `"internal error"` |
     """
     for error, handler in _HANDLERS.items():
         app.add_exception_handler(error, handler)
