@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from todo_store.models import Base, Task, User
     from todo_store.owned import OwnedRepo
+    from todo_store.pages import Page
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
@@ -77,6 +78,7 @@ _HOMES = {
     "Base": "models",
     "Task": "models",
     "User": "models",
+    "Page": "pages",
     "UNSET": "repositories",
     "OwnedRepo": "owned",
     "TaskRepo": "repositories",
@@ -105,6 +107,7 @@ __all__ = [
     "InvalidData",
     "NotFoundError",
     "OwnedRepo",
+    "Page",
     "ReadOnlyViolation",
     "RowNotFound",
     "SchemaNotReady",

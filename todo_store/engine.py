@@ -51,6 +51,7 @@ from todo_store.errors import (
     is_connection_loss,
     translate,
 )
+from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
 
@@ -153,9 +154,24 @@ def add_store_events(
     event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+def create_sessionmaker(
+    engine: AsyncEngine, *, cursor_key: CursorKey | None = None
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay readable after commit (nothing lazy-loads later).
+
+    `cursor_key` goes in each session's `info`, where `TaskRepo.page` finds it.
+    """
+    info = {} if cursor_key is None else {CURSOR_KEY_INFO: cursor_key}
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info)
+
+
+def _hand_cursor_key(engine: AsyncEngine, key: CursorKey) -> None:
+    """Put `key` in every connection's `info`: `TaskRepo(connection)` finds it there."""
+
+    def on_connect(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[CURSOR_KEY_INFO] = key
+
+    event.listen(engine.sync_engine, "connect", on_connect)
 
 
 # -- connect --------------------------------------------------------------------------------
@@ -540,12 +556,14 @@ class TodoStore:
         else:
             self.settings = Settings(database_url=settings_or_url)
         self.engine = create_engine(self.settings, **engine_kwargs)
-        self.sessionmaker = create_sessionmaker(self.engine)
+        key = cursor_key_for(self.settings.cursor_secret, self.settings.better_auth_secret)
+        _hand_cursor_key(self.engine, key)
+        self.sessionmaker = create_sessionmaker(self.engine, cursor_key=key)
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._non_atomic = create_sessionmaker(self._autocommit_engine)
+        self._non_atomic = create_sessionmaker(self._autocommit_engine, cursor_key=key)
         self._read_only = create_sessionmaker(
-            self.engine.execution_options(postgresql_readonly=True)
+            self.engine.execution_options(postgresql_readonly=True), cursor_key=key
         )
 
     @classmethod
