@@ -18,14 +18,16 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import granted_role
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import todo_store.errors
 from todo_store import Settings, Task, TaskRepo, TodoStore, TodoStoreError, User, UserRepo
+from todo_store.binding import USER_SETTING
 from todo_store.fastapi import (
     STALE,
     LimitQuery,
@@ -469,3 +471,38 @@ def test_error_responses_document_only_what_is_sent() -> None:
     assert "Retry-After" in documented[503]["headers"]
     with pytest.raises(ValueError, match="418"):
         error_responses(418)
+
+
+async def test_a_route_that_forgets_the_owner_filter_sees_only_the_callers_rows(
+    store: TodoStore,
+    todo_store_server: ProvisionedServer,
+    todo_store_settings: Settings,
+    user_id: str,
+) -> None:
+    other = f"u_{uuid.uuid4().hex[:12]}"
+    async with store.session() as session:
+        await UserRepo(session).upsert(other, email=f"{other}@example.com", name="Bob")
+        await TaskRepo(session).create(user_id, title="mine")
+        await TaskRepo(session).create(other, title="theirs")
+    app = _app()
+
+    @app.get("/owners")
+    async def owners(work: OneCall) -> dict[str, Any]:
+        # Application SQL with no WHERE user_id: row-level security holds it to the caller.
+        rows = await work.session.execute(text("SELECT DISTINCT user_id FROM tasks"))
+        bound = await work.session.execute(text(f"SELECT current_setting('{USER_SETTING}')"))
+        return {"owners": sorted(row[0] for row in rows), "bound": bound.scalar_one()}
+
+    database_url = todo_store_settings.database_url.get_secret_value()
+    try:
+        async with (
+            granted_role(todo_store_server, database_url) as runtime_url,
+            TodoStore(settings_for(runtime_url)) as runtime,
+            _client(app) as http,
+        ):
+            use_store(app, runtime)
+            response = await http.get("/owners", headers={"x-user-id": user_id})
+        assert response.json() == {"owners": [user_id], "bound": user_id}
+    finally:
+        async with store.session() as session:
+            await session.execute(delete(User).where(User.id == other))

@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from todo_store.engine import TodoStore
 from todo_store.errors import (
+    AccessRefused,
     CommitOutcomeUnknown,
     ConflictError,
     ConnectionRejected,
@@ -303,7 +304,7 @@ def unit_of_work(
         return Depends(unbound_unit_of_work)
 
     async def unit_of_work_for_caller(caller: Annotated[str, Depends(user_id)]) -> UnitOfWork:
-        return UnitOfWork(await _open({**options, **_bound_to(caller)}), caller)
+        return UnitOfWork(await _open({**options, "user_id": caller}), caller)
 
     return Depends(unit_of_work_for_caller)
 
@@ -320,18 +321,6 @@ async def _open(options: dict[str, Any]) -> AsyncSession:
     units.append(unit)
     return session
 
-
-def _bound_to(caller: str) -> dict[str, Any]:
-    # Until the store binds units of work to a user, the repositories' own owner filter is
-    # the only wall; the caller's id still scopes every repository call.
-    return {"user_id": caller} if _SESSION_BINDS_USERS else {}
-
-
-def _session_binds_users() -> bool:
-    return "user_id" in inspect.signature(TodoStore.session).parameters
-
-
-_SESSION_BINDS_USERS: Final = _session_binds_users()
 
 # -- versions over HTTP: ETag and If-Match ------------------------------------------------------
 
@@ -531,8 +520,9 @@ async def _not_migrated(_request: Request, error: Exception) -> JSONResponse:
     return _detail(503, "database schema not ready")
 
 
-async def _wrote_while_reading(_request: Request, error: Exception) -> JSONResponse:
-    # The route wrote in a unit of work it asked to be read-only: a bug of the service.
+async def _service_bug(_request: Request, error: Exception) -> JSONResponse:
+    # The route wrote in a unit of work it asked to be read-only, or for another user than the
+    # caller its unit is bound to, or the service's role lacks a grant: not the client's doing.
     log.error("%s", error)
     return _detail(500, "internal error")
 
@@ -563,7 +553,8 @@ _HANDLERS: Final[Mapping[type[Exception], Any]] = {
     ConnectionRejected: _misconfigured,
     CommitOutcomeUnknown: _outcome_unknown,
     SchemaNotReady: _not_migrated,
-    ReadOnlyViolation: _wrote_while_reading,
+    ReadOnlyViolation: _service_bug,
+    AccessRefused: _service_bug,
     DatabaseError: _database_error,
 }
 
@@ -582,7 +573,7 @@ def install(app: FastAPI) -> None:
     | `DatabaseUnavailable`, `TransactionConflict` | 503 + `Retry-After: 1` | fixed text |
     | `ConnectionRejected`, `SchemaNotReady` (logged) | 503 | fixed text |
     | `CommitOutcomeUnknown` (logged) | 503 | "outcome unknown: ... read before retrying" |
-    | `ReadOnlyViolation`, any other `DatabaseError` (logged) | 500 | `"internal error"` |
+    | `ReadOnlyViolation`, `AccessRefused`, other `DatabaseError` (logged) | 500 | fixed text |
     """
     for error, handler in _HANDLERS.items():
         app.add_exception_handler(error, handler)
