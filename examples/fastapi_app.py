@@ -4,12 +4,12 @@ Run: `uvicorn --factory examples.fastapi_app:create_app` (reads DATABASE_URL and
 
 Every request's unit of work is bound to the caller (`current_user_id`): PostgreSQL's
 row-level security holds its statements to that user's rows. A route that makes one
-repository call uses a non-atomic unit (`OneCall`: the call commits by itself); `POST /tasks/batch` must create all its tasks or none (`AllOrNone`); `GET /me`
-reads three things in one read-only snapshot (`Snapshot`). Error responses are the
-integration's (`install`): 401 without an identity, 404 for a task that is missing
-or another user's (the same body), 409 for a taken email, 412 for an edit whose If-Match is
-stale, 422 naming the field, 503 when the database is unavailable. Reads and edits of a task
-answer with its `ETag`.
+repository call uses a non-atomic unit (`OneCall`: the call commits by itself); `POST
+/tasks/batch` must create all its tasks or none (`AllOrNone`); `GET /me` reads three things in
+one read-only snapshot (`Snapshot`). Error responses are the integration's (`install`): 401
+without an identity, 404 for a task that is missing or another user's (the same body), 409 for
+a taken email, 412 for an edit whose If-Match is stale, 422 naming the field, 503 when the
+database is unavailable. Reads and edits of a task answer with its `ETag`.
 """
 
 from __future__ import annotations
