@@ -3,7 +3,8 @@
     python -m benchmarks.fastapi [--pairs 100] [--batch 40]
 
 Two apps serve the same routes from one `TodoStore`, in this process, through httpx's ASGI
-transport (no sockets): `direct`, whose routes open `store.session(atomic=False)` themselves
+transport (no sockets): `direct`, whose routes open `store.session(atomic=False,
+user_id=...)` (bound to the caller, as the integration's units are) themselves
 and let errors fall through, and `integration`, whose routes take their unit of work from
 `todo_store.fastapi.unit_of_work`, with bounded parameters (`TaskIdPath`, `LimitQuery`) and
 the integration installed. Both take the caller's id from the same dependency. CPU time of
@@ -59,18 +60,18 @@ def direct_app(store: TodoStore) -> FastAPI:
 
     @app.get("/tasks/{task_id}")
     async def get_task(task_id: int, user_id: UserId) -> TaskRead:
-        async with store.session(atomic=False) as session:
+        async with store.session(atomic=False, user_id=user_id) as session:
             return TaskRead.model_validate(await TaskRepo(session).get(user_id, task_id))
 
     @app.get("/tasks")
     async def list_tasks(user_id: UserId, limit: int = 50) -> list[TaskRead]:
-        async with store.session(atomic=False) as session:
+        async with store.session(atomic=False, user_id=user_id) as session:
             tasks = await TaskRepo(session).list_for(user_id, limit=limit)
         return [TaskRead.model_validate(task) for task in tasks]
 
     @app.post("/tasks/{task_id}/toggle")
     async def toggle_task(task_id: int, user_id: UserId) -> TaskRead:
-        async with store.session(atomic=False) as session:
+        async with store.session(atomic=False, user_id=user_id) as session:
             return TaskRead.model_validate(await TaskRepo(session).toggle(user_id, task_id))
 
     return app
@@ -129,7 +130,8 @@ class FastapiOverhead:
                 "## FastAPI integration: CPU per request",
                 "",
                 f"FastAPI {self.fastapi_version}; `python -m benchmarks.fastapi` (module "
-                "docstring: how). Routes that open `store.session(atomic=False)` themselves "
+                "docstring: how). Routes that open `store.session(atomic=False, user_id=…)` "
+                "themselves "
                 "(`direct`) against the same routes on `todo_store.fastapi` (`integration`: "
                 "`unit_of_work`, bounded parameters, error handlers), in process through "
                 f"httpx's ASGI transport; {self.pairs} pairs of batches of {self.batch} "
