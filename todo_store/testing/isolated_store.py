@@ -52,7 +52,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from todo_store.binding import unit_arguments
+from todo_store.binding import CallByCallTransactions, unit_arguments
 from todo_store.engine import TodoStore
 from todo_store.settings import Settings
 from todo_store.testing.isolation import bound_scope
@@ -264,7 +264,7 @@ class IsolatedTodoStore(TodoStore):
         await self._units.drain()
 
 
-class CallByCallSession(AsyncSession):
+class CallByCallSession(CallByCallTransactions):
     """An `AsyncSession` whose every call runs in a savepoint of its own.
 
     The savepoint is released when the call succeeds and rolled back when it fails, so a call
@@ -272,35 +272,11 @@ class CallByCallSession(AsyncSession):
     transaction, what an autocommit session guarantees.
     """
 
-    _in_call = False  # scalar() and scalars() call execute(): one savepoint is enough
-
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().execute, *args, **kwargs)
-
-    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().scalar, *args, **kwargs)
-
-    async def scalars(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().scalars, *args, **kwargs)
-
-    async def get(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().get, *args, **kwargs)
-
-    async def get_one(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().get_one, *args, **kwargs)
-
-    async def run_sync(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().run_sync, *args, **kwargs)
-
-    async def _alone(self, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        if self._in_call:
+    async def _one_call(
+        self, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        async with self.begin_nested():
             return await call(*args, **kwargs)
-        self._in_call = True
-        try:
-            async with self.begin_nested():
-                return await call(*args, **kwargs)
-        finally:
-            self._in_call = False
 
 
 @asynccontextmanager
