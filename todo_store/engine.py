@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import URL, Connection, ExceptionContext
+from sqlalchemy.engine import URL, Connection, Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -40,6 +41,14 @@ from todo_store.errors import (
     TransactionConflict,
     is_connection_loss,
     translate,
+)
+from todo_store.replicas import (
+    PositionReportingConnection,
+    ReplicaSet,
+    open_connections,
+    ran_on_replica,
+    track_writes,
+    write_unit,
 )
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
@@ -70,6 +79,8 @@ def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     # Client-side timeout: asyncpg cancels the statement on the server when it expires. A
     # `statement_timeout` startup parameter would be refused by PgBouncer.
     args["command_timeout"] = settings.statement_timeout
+    # Reports a writing unit's commit position in the COMMIT's round trip (consistency tokens).
+    args["connection_class"] = PositionReportingConnection
     if settings.statement_cache:
         args["statement_cache_size"] = settings.statement_cache_size
         args["prepared_statement_cache_size"] = settings.statement_cache_size
@@ -96,6 +107,7 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
     add_store_events(engine)
+    answer_first_connect_from_startup(engine.sync_engine.dialect)
     return engine
 
 
@@ -127,6 +139,74 @@ def add_store_events(engine: AsyncEngine) -> None:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+# -- first connect: no questions the server already answered -------------------------------
+
+_VERSION_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+def answer_first_connect_from_startup(dialect: Dialect) -> None:
+    """Make the engine's first connection cost no round trip beyond the login itself.
+
+    SQLAlchemy's first connect asks the server four questions (`select version()`,
+    `select current_schema()`, `show transaction isolation level`, `show
+    standard_conforming_strings`) in a transaction it rolls back: 10 round trips with
+    caching off. Here they are answered without asking:
+
+    - the server version and `standard_conforming_strings` come from the parameters every
+      server (and PgBouncer) reports at login; if one is missing, the question is asked;
+    - the isolation level is never forced: a transaction begins with a plain BEGIN (the
+      server's default level) and a connection used with another level goes back to that,
+      instead of to a level read once from the first connection;
+    - the default schema is not asked (`dialect.default_schema_name` stays None): nothing in
+      the package relies on it; reflection and Alembic (migrations, `doctor`, `alembic
+      check`) run on the migrations' engine, which asks.
+    """
+    ask_version: Callable[[Connection], Any] = dialect._get_server_version_info
+    ask_escapes = dialect._set_backslash_escapes  # type: ignore[attr-defined]
+
+    def server_version(connection: Connection) -> tuple[int, ...]:
+        reported = _reported(connection, "server_version")
+        found = _VERSION_NUMBERS.match(reported or "")
+        if found is None:
+            return tuple(ask_version(connection))
+        return tuple(int(number) for number in found.groups() if number is not None)
+
+    def backslash_escapes(connection: Connection) -> None:
+        reported = _reported(connection, "standard_conforming_strings")
+        if reported is None:
+            ask_escapes(connection)
+        else:
+            dialect._backslash_escapes = reported == "off"  # type: ignore[attr-defined]
+
+    def server_default_level(_dbapi_connection: Any) -> str:
+        return "READ COMMITTED"  # PostgreSQL's default; never sent (see reset below)
+
+    reset_to_level = dialect.reset_isolation_level
+
+    def reset_to_server_default(dbapi_connection: Any) -> None:
+        if dialect._on_connect_isolation_level is not None:
+            reset_to_level(dbapi_connection)  # an engine made with isolation_level=...
+        else:
+            dbapi_connection.set_isolation_level(None)  # plain BEGIN: the server's default
+
+    answers: dict[str, Callable[..., Any]] = {
+        "_get_server_version_info": server_version,
+        "_set_backslash_escapes": backslash_escapes,
+        "_get_default_schema_name": lambda _connection: None,
+        "get_default_isolation_level": server_default_level,
+        "reset_isolation_level": reset_to_server_default,
+    }
+    for name, answer in answers.items():
+        setattr(dialect, name, answer)
+
+
+def _reported(connection: Connection, name: str) -> str | None:
+    """A parameter the server reported at login (ParameterStatus), if it did."""
+    driver = connection.connection.driver_connection
+    reported = getattr(driver.get_settings(), name, None) if driver is not None else None
+    return reported if isinstance(reported, str) else None
 
 
 # -- connect --------------------------------------------------------------------------------
@@ -302,13 +382,22 @@ class TodoStore:
             self.settings = settings_or_url
         else:
             self.settings = Settings(database_url=settings_or_url)
+        ReplicaSet.validate(self.settings)
         self.engine = create_engine(self.settings, **engine_kwargs)
+        track_writes(self.engine)
         self.sessionmaker = create_sessionmaker(self.engine)
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._non_atomic = create_sessionmaker(self._autocommit_engine)
         self._read_only = create_sessionmaker(
             self.engine.execution_options(postgresql_readonly=True)
+        )
+        self.replicas = ReplicaSet(
+            self.settings,
+            primary=self.engine,
+            primary_read_only=self._read_only,
+            engines=lambda settings: create_engine(settings, **engine_kwargs),
+            sessions=create_sessionmaker,
         )
 
     @classmethod
@@ -318,7 +407,7 @@ class TodoStore:
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False
+        self, *, atomic: bool = True, read_only: bool = False, after: str | None = None
     ) -> AsyncIterator[AsyncSession]:
         """A unit of work.
 
@@ -331,9 +420,17 @@ class TodoStore:
         repository call is atomic on its own and costs half the round trips. A failed call
         leaves the session usable. Use it when the block makes one call, or calls that need
         not succeed together.
+
+        `read_only=True` with `DATABASE_URL_REPLICA` set: on a replica that is healthy and
+        within `REPLICA_MAX_LAG`, else on the primary (see `todo_store.replicas`). `after=` a
+        consistency token (`todo_store.consistency_token(session)` of an earlier unit): never
+        a state older than that unit's commit. A malformed token raises `ValueError`, one
+        from another database `ForeignConsistencyToken`, before any SQL is sent.
         """
         if read_only and not atomic:
             raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
+        if after is not None and not read_only:
+            raise ValueError("after= needs read_only=True (writes always go to the primary)")
         if not atomic:
             # No transaction to begin or commit: only ORM changes of the caller's own, if any,
             # are flushed (each statement commits by itself). Closing returns the connection.
@@ -342,29 +439,47 @@ class TodoStore:
                 if session.new or session.dirty or session.deleted:
                     await session.flush()
             return
+        if read_only:
+            async with self.replicas.read_unit(after) as session:
+                yield session
+            return
         # Closing without a commit rolls back, so the block that raises leaves nothing.
-        async with (self._read_only if read_only else self.sessionmaker)() as session:
+        async with write_unit(self.sessionmaker, self.replicas.learn) as session:
             yield session
-            await session.commit()
 
-    async def run(self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3) -> T:
+    async def run(
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        attempts: int = 3,
+        read_only: bool = False,
+        after: str | None = None,
+    ) -> T:
         """Run `work(session)` in one atomic unit of work and return its result.
 
         On `TransactionConflict` (serialization failure, deadlock: nothing was committed) the
         whole unit of work runs again, up to `attempts` times in all, after a short random
         backoff. Nothing else is retried: not `DatabaseUnavailable`, never
-        `CommitOutcomeUnknown`.
+        `CommitOutcomeUnknown` — except that a read-only unit (`read_only=True`, `after=` as
+        for `session`) whose replica fails with `DatabaseUnavailable` runs again at once, on
+        the primary or a healthy replica.
         """
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         delay = _RETRY_FIRST_DELAY_S
         for attempt in range(1, attempts + 1):
+            on_replica = False
             try:
-                async with self.session() as session:
+                async with self.session(read_only=read_only, after=after) as session:
+                    on_replica = ran_on_replica(session)
                     return await work(session)
             except TransactionConflict:
                 if attempt == attempts:
                     raise
+            except DatabaseUnavailable:
+                if not on_replica or attempt == attempts:
+                    raise
+                continue  # that replica is out of rotation now: no backoff needed
             # Jitter, not security: spreads the retries of the conflicting units apart.
             await asyncio.sleep(random.uniform(0, delay))  # noqa: S311
             delay = min(delay * 2, _RETRY_MAX_DELAY_S)
@@ -375,8 +490,21 @@ class TodoStore:
         async with self._autocommit_engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
+    async def warm(self, n: int) -> None:
+        """Open n connections at once, ahead of the first request (and n to each replica).
+
+        Raises `ValueError` if n is not between 1 and POOL_SIZE (more would be closed again
+        as soon as they are returned), and `DatabaseUnavailable` / `ConnectionRejected` when
+        the primary cannot be reached. A replica that cannot is logged and skipped, as by
+        reads.
+        """
+        if not 1 <= n <= self.settings.pool_size:
+            raise ValueError(f"n: expected 1 to POOL_SIZE ({self.settings.pool_size}), got {n}")
+        await asyncio.gather(open_connections(self.engine, n), self.replicas.warm(n))
+
     async def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (the replicas' too)."""
+        await self.replicas.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> TodoStore:

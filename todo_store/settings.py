@@ -55,7 +55,25 @@ class Settings(BaseSettings):
     )
     statement_cache_size: int = Field(default=100, ge=1)
 
-    @field_validator("database_url", "database_url_direct", mode="before")
+    database_url_replica: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Read replicas for `session(read_only=True)`: one URL, or several separated by "
+            "commas (pooled URLs and Neon console strings, as for DATABASE_URL)."
+        ),
+    )
+    replica_max_lag: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a replica may lag behind the primary before reads skip it.",
+    )
+    replica_check_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between checks of a replica's replay position, lag and health.",
+    )
+
+    @field_validator("database_url", "database_url_direct", "database_url_replica", mode="before")
     @classmethod
     def _not_blank(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

@@ -88,9 +88,14 @@ class IsolatedTodoStore(TodoStore):
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False
+        self, *, atomic: bool = True, read_only: bool = False, after: str | None = None
     ) -> AsyncIterator[AsyncSession]:
-        """A unit of work inside the test's transaction; see the module docstring."""
+        """A unit of work inside the test's transaction; see the module docstring.
+
+        `after=` is accepted and needs nothing: every unit sees the test's own writes.
+        """
+        if after is not None and not read_only:
+            raise ValueError("after= needs read_only=True (writes always go to the primary)")
         if read_only and not atomic:
             raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
         if asyncio.get_running_loop() is not self._fixture_loop:
