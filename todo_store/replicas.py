@@ -416,10 +416,8 @@ class ReplicaSet:
         self._primary = primary.execution_options(isolation_level="AUTOCOMMIT")
         self._primary_read_only = primary_read_only
         self.primary_system_identifier: int | None = None
-        raw = settings.database_url_replica
         self.replicas = [
-            Replica(settings.model_copy(update={"database_url": SecretStr(url)}), engines, sessions)
-            for url in (replica_urls(raw.get_secret_value()) if raw is not None else [])
+            Replica(replica, engines, sessions) for replica in replica_settings(settings)
         ]
         self._turn = itertools.count()
 
@@ -547,3 +545,89 @@ async def open_connections(engine: AsyncEngine, n: int) -> None:
     async with asyncio.TaskGroup() as group:
         for _ in range(n):
             group.create_task(hold())
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaFinding:
+    """What `doctor` says about one replica URL."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+
+def replica_settings(settings: Settings) -> list[Settings]:
+    """`settings` once per replica URL, with that URL as `database_url`."""
+    raw = settings.database_url_replica
+    urls = replica_urls(raw.get_secret_value()) if raw is not None else []
+    return [settings.model_copy(update={"database_url": SecretStr(url)}) for url in urls]
+
+
+async def inspect_replicas(settings: Settings, engines: EngineFactory) -> list[ReplicaFinding]:
+    """Each replica: a standby (pg_is_in_recovery()) of the same database as the primary
+    (same system identifier), and its lag. Failures are findings, not exceptions."""
+    replicas = replica_settings(settings)
+    if not replicas:
+        return []
+    primary_engine = engines(settings)
+    try:
+        async with primary_engine.connect() as connection:
+            primary_id = int((await connection.execute(_SYSTEM_IDENTIFIER)).scalar_one())
+    except Exception as error:  # the finding is that the primary could not say
+        reason = f"the primary's system identifier cannot be read: {_reason(error)}"
+        return [
+            ReplicaFinding(mask(r.database_url.get_secret_value()), False, reason) for r in replicas
+        ]
+    finally:
+        await primary_engine.dispose()
+    return [
+        await _inspect(replica, primary_id, settings.replica_max_lag, engines)
+        for replica in replicas
+    ]
+
+
+async def _inspect(
+    settings: Settings, primary_id: int, max_lag: float, engines: EngineFactory
+) -> ReplicaFinding:
+    shown = mask(settings.database_url.get_secret_value())
+    engine = engines(settings)
+    try:
+        async with engine.connect() as connection:
+            in_recovery, _replay, lag, system_identifier = (await connection.execute(_CHECK)).one()
+    except Exception as error:  # unreachable, refused, ...: reads will use the primary
+        return ReplicaFinding(
+            shown,
+            False,
+            f"cannot connect: {_reason(error)}",
+            "reads go to the primary until it answers",
+        )
+    finally:
+        await engine.dispose()
+    if not in_recovery:
+        return ReplicaFinding(
+            shown,
+            False,
+            "not a standby (pg_is_in_recovery() is false)",
+            "point DATABASE_URL_REPLICA at a read replica",
+        )
+    if int(system_identifier) != primary_id:
+        return ReplicaFinding(
+            shown,
+            False,
+            "a standby of another database (system identifier differs from the primary's)",
+            "point DATABASE_URL_REPLICA at a replica of DATABASE_URL's database",
+        )
+    if lag is None:
+        return ReplicaFinding(
+            shown, False, "standby of the primary; lag unknown (nothing replayed yet)"
+        )
+    detail = f"standby of the primary, {float(lag):.2f} s behind"
+    if float(lag) > max_lag:
+        return ReplicaFinding(
+            shown, False, detail, f"more than REPLICA_MAX_LAG ({max_lag:g} s): reads skip it"
+        )
+    return ReplicaFinding(shown, True, detail)
