@@ -250,8 +250,9 @@ async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[
 async def _replica_checks(settings: Settings) -> list[CheckResult]:
     """One line per DATABASE_URL_REPLICA URL: a standby of this database, its lag, its pooler."""
     findings = await inspect_replicas(settings, create_engine)
+    replicas = replica_settings(settings)
     results = []
-    for number, (finding, replica) in enumerate(zip(findings, replica_settings(settings), strict=True), 1):
+    for number, (finding, replica) in enumerate(zip(findings, replicas, strict=True), 1):
         _, pooler = await _pooler(replica)
         detail = f"{finding.name}: {finding.detail}; pooler: {pooler.detail}"
         results.append(CheckResult(f"replica {number}", finding.ok, detail, finding.hint))
