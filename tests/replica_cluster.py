@@ -78,7 +78,7 @@ class ReplicaCluster:
 
     def run(self, program: str, *args: str) -> None:
         try:
-            result = subprocess.run(  # noqa: S603 - our binary, our arguments
+            result = subprocess.run(
                 [str(self.bindir / program), *args],
                 capture_output=True,
                 timeout=_TIMEOUT_S,
@@ -97,7 +97,7 @@ class ReplicaCluster:
         for key, value in server.settings.items():
             command += ["-c", f"{key}={value}"]
         with self._log.open("ab") as log:
-            server.process = subprocess.Popen(  # noqa: S603 - our binary, our arguments
+            server.process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -36,6 +36,7 @@ import itertools
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -82,10 +83,8 @@ _SCHEME_START = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _CHECK = text(
     """SELECT pg_is_in_recovery(),
               pg_last_wal_replay_lsn()::text,
-              CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
-                   THEN 0.0
-                   ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
-              END,
+              pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn(),
+              extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
               (SELECT system_identifier FROM pg_control_system())"""
 )
 _SYSTEM_IDENTIFIER = text("SELECT system_identifier FROM pg_control_system()")
@@ -257,6 +256,43 @@ def _reported_position(sink: list[str] | None) -> Position | None:
 # -- replicas ---------------------------------------------------------------------------------
 
 
+class CommitClock:
+    """When this process saw the primary's recent commits (from their consistency tokens).
+
+    A replica's lag is the age of the oldest commit it has not replayed. The replica itself
+    can only give an upper bound once WAL is waiting to be replayed (the time since the last
+    commit it did replay, however long ago that was); this process's own commits narrow it
+    down, at no round trip.
+    """
+
+    _KEPT = 4096
+
+    def __init__(self) -> None:
+        self._commits: deque[tuple[float, int]] = deque(maxlen=self._KEPT)
+
+    def saw(self, lsn: int) -> None:
+        self._commits.append((time.monotonic(), lsn))
+
+    def lag(
+        self, replay_lsn: int | None, caught_up: bool, upper_bound: float | None, now: float
+    ) -> float | None:
+        """Seconds the replica is behind; None when nothing tells."""
+        if replay_lsn is None:
+            return None
+        oldest_missing = next((at for at, lsn in self._commits if lsn > replay_lsn), None)
+        if oldest_missing is not None:
+            return now - oldest_missing  # one of our commits is not replayed: it is this late
+        if caught_up:
+            return 0.0  # it replayed everything it received (and each of our commits)
+        newest_replayed = next(
+            (at for at, lsn in reversed(self._commits) if lsn <= replay_lsn), None
+        )
+        if newest_replayed is None:
+            return upper_bound
+        since = now - newest_replayed  # it has everything up to that commit of ours
+        return since if upper_bound is None else min(since, upper_bound)
+
+
 def replica_urls(raw: str) -> list[str]:
     """The URLs in `DATABASE_URL_REPLICA`: split at commas that start a new `scheme://`, so
     a multi-host URL's commas are kept."""
@@ -279,14 +315,20 @@ class Replica:
     """One replica: its engine, its last check, and whether reads may go to it."""
 
     def __init__(
-        self, settings: Settings, engines: EngineFactory, sessions: SessionFactory
+        self,
+        settings: Settings,
+        engines: EngineFactory,
+        sessions: SessionFactory,
+        clock: CommitClock | None = None,
     ) -> None:
         self.name = mask(settings.database_url.get_secret_value())
+        self.clock = clock or CommitClock()
         self.engine = engines(settings)
         self.sessionmaker = sessions(self.engine.execution_options(postgresql_readonly=True))
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.status: ReplicaStatus | None = None
         self.problem: str | None = "not checked yet"
+        self._state: str | None = "unchecked"
         self._checking: asyncio.Task[None] | None = None
         event.listen(self.engine.sync_engine, "connect", _note_opened)
         event.listen(self.engine.sync_engine, "invalidate", self._connection_lost)
@@ -298,15 +340,17 @@ class Replica:
     def mark_down(self, reason: str) -> None:
         """Nothing it said before counts any more: reads skip it until a check succeeds."""
         self.status = None
-        self._report(f"down: {reason}")
+        self._report("down", f"down: {reason}")
 
-    def _report(self, problem: str | None, **details: Any) -> None:
-        """Record the replica's state; log only when it changes (never once per read)."""
-        if problem == self.problem:
-            return
+    def _report(self, state: str | None, problem: str | None = None, **details: Any) -> None:
+        """Record the replica's state (None: healthy); log only when the state changes (not
+        when only its numbers do), never once per read."""
         self.problem = problem
-        extra = {"replica": self.name, "replica_problem": problem, **details}
-        if problem is None:
+        if state == self._state:
+            return
+        self._state = state
+        extra = {"replica": self.name, "replica_state": state or "healthy", **details}
+        if state is None:
             log.info("replica %s is healthy: reads go to it", self.name, extra=extra)
         else:
             log.warning(
@@ -357,23 +401,27 @@ class Replica:
         except (TodoStoreError, OSError) as error:
             self.mark_down(_reason(error))
             return
-        in_recovery, replay, lag, system_identifier = row
+        in_recovery, replay, caught_up, upper_bound, system_identifier = row
+        replay_lsn = parse_lsn(replay) if replay else None
         # `started`: a connection opened during this check is not newer than what it saw.
         status = ReplicaStatus(
             checked_at=started,
             in_recovery=bool(in_recovery),
-            replay_lsn=parse_lsn(replay) if replay else None,
-            lag=float(lag) if lag is not None else None,
+            replay_lsn=replay_lsn,
+            lag=self.clock.lag(replay_lsn, bool(caught_up), upper_bound, started),
             system_identifier=int(system_identifier),
         )
         self.status = status
         if not status.in_recovery:
-            self._report("not a standby (pg_is_in_recovery() is false)")
+            self._report("not a standby", "not a standby (pg_is_in_recovery() is false)")
         elif primary_system_identifier not in (None, status.system_identifier):
-            self._report("a standby of another database (its system identifier differs)")
+            self._report(
+                "another database", "a standby of another database (system identifier differs)"
+            )
         elif status.lag is None or status.lag > max_lag:
             shown = "unknown" if status.lag is None else f"{status.lag:.1f} s"
             self._report(
+                "lagging",
                 f"lagging {shown} behind the primary (REPLICA_MAX_LAG {max_lag:g} s)",
                 replica_lag=status.lag,
             )
@@ -416,8 +464,10 @@ class ReplicaSet:
         self._primary = primary.execution_options(isolation_level="AUTOCOMMIT")
         self._primary_read_only = primary_read_only
         self.primary_system_identifier: int | None = None
+        self.clock = CommitClock()
         self.replicas = [
-            Replica(replica, engines, sessions) for replica in replica_settings(settings)
+            Replica(replica, engines, sessions, self.clock)
+            for replica in replica_settings(settings)
         ]
         self._turn = itertools.count()
 
@@ -437,8 +487,9 @@ class ReplicaSet:
                 raise ValueError(f"DATABASE_URL_REPLICA (URL {number}): {error}") from None
 
     def learn(self, position: Position) -> None:
-        """A commit of the primary told its system identifier."""
+        """A commit of the primary: its system identifier, and when it happened."""
         self.primary_system_identifier = position.system_identifier
+        self.clock.saw(position.lsn)
 
     async def _check_token(self, position: Position) -> None:
         if self.primary_system_identifier is None:
@@ -597,7 +648,7 @@ async def _inspect(
     engine = engines(settings)
     try:
         async with engine.connect() as connection:
-            in_recovery, _replay, lag, system_identifier = (await connection.execute(_CHECK)).one()
+            row = (await connection.execute(_CHECK)).one()
     except Exception as error:  # unreachable, refused, ...: reads will use the primary
         return ReplicaFinding(
             shown,
@@ -607,6 +658,8 @@ async def _inspect(
         )
     finally:
         await engine.dispose()
+    in_recovery, _replay, caught_up, upper_bound, system_identifier = row
+    lag = 0.0 if caught_up else upper_bound  # at most this far behind
     if not in_recovery:
         return ReplicaFinding(
             shown,
@@ -625,7 +678,7 @@ async def _inspect(
         return ReplicaFinding(
             shown, False, "standby of the primary; lag unknown (nothing replayed yet)"
         )
-    detail = f"standby of the primary, {float(lag):.2f} s behind"
+    detail = f"standby of the primary, {float(lag):.2f} s behind at most"
     if float(lag) > max_lag:
         return ReplicaFinding(
             shown, False, detail, f"more than REPLICA_MAX_LAG ({max_lag:g} s): reads skip it"
