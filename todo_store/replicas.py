@@ -44,7 +44,7 @@ from typing import Any, NewType
 
 import asyncpg
 from pydantic import SecretStr
-from sqlalchemy import event, text
+from sqlalchemy import column, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -86,8 +86,16 @@ _CHECK = text(
               pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn(),
               extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
               (SELECT system_identifier FROM pg_control_system())"""
+).columns(  # a SELECT to the engine: a failure is never a write of unknown outcome
+    column("in_recovery"),
+    column("replay"),
+    column("caught_up"),
+    column("upper_bound"),
+    column("system_identifier"),
 )
-_SYSTEM_IDENTIFIER = text("SELECT system_identifier FROM pg_control_system()")
+_SYSTEM_IDENTIFIER = text("SELECT system_identifier FROM pg_control_system()").columns(
+    column("system_identifier")
+)
 
 
 class ForeignConsistencyToken(TodoStoreError, ValueError):
@@ -329,12 +337,13 @@ class Replica:
         self.status: ReplicaStatus | None = None
         self.problem: str | None = "not checked yet"
         self._state: str | None = "unchecked"
+        self._disposed = False
         self._checking: asyncio.Task[None] | None = None
         event.listen(self.engine.sync_engine, "connect", _note_opened)
         event.listen(self.engine.sync_engine, "invalidate", self._connection_lost)
 
     def _connection_lost(self, _dbapi: Any, _record: Any, error: BaseException | None) -> None:
-        if error is not None:
+        if error is not None and not self._disposed:
             self.mark_down(f"connection lost ({type(error).__name__})")
 
     def mark_down(self, reason: str) -> None:
@@ -396,8 +405,13 @@ class Replica:
         """Ask the replica for its replay position, lag and identity (2 round trips)."""
         started = time.monotonic()
         try:
-            async with self._autocommit.connect() as connection:
+            # A replica that does not answer within REPLICA_MAX_LAG is no use for reads
+            # (a pooler in front of a stopped server queues the query instead of failing).
+            async with asyncio.timeout(max_lag), self._autocommit.connect() as connection:
                 row = (await connection.execute(_CHECK)).one()
+        except TimeoutError:
+            self.mark_down(f"no answer within {max_lag:g} s")
+            return
         except (TodoStoreError, OSError) as error:
             self.mark_down(_reason(error))
             return
@@ -429,6 +443,7 @@ class Replica:
             self._report(None)
 
     async def dispose(self) -> None:
+        self._disposed = True
         if self._checking is not None:
             self._checking.cancel()
             with suppress(asyncio.CancelledError, Exception):
