@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         UserNotFound,
     )
     from todo_store.models import Base, Task, User
+    from todo_store.replicas import ConsistencyToken, ForeignConsistencyToken, consistency_token
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
@@ -67,6 +68,9 @@ _HOMES = {
     "TodoStoreError": "errors",
     "TransactionConflict": "errors",
     "UserNotFound": "errors",
+    "ConsistencyToken": "replicas",
+    "ForeignConsistencyToken": "replicas",
+    "consistency_token": "replicas",
     "Base": "models",
     "Task": "models",
     "User": "models",
@@ -90,10 +94,12 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConflictError",
     "ConnectionRejected",
+    "ConsistencyToken",
     "DatabaseError",
     "DatabaseUnavailable",
     "DuplicateKey",
     "EmailTaken",
+    "ForeignConsistencyToken",
     "InvalidData",
     "NotFoundError",
     "SchemaNotReady",
@@ -116,6 +122,7 @@ __all__ = [
     "UserRepo",
     "UserUpsert",
     "__version__",
+    "consistency_token",
     "create_engine",
     "create_sessionmaker",
 ]
