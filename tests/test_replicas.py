@@ -277,7 +277,7 @@ async def test_tokens_cost_no_round_trip(path: Path, migrated: ReplicaCluster) -
             pool_size=1,
             max_overflow=0,
             replica_check_interval=3600,  # no background check inside a count
-            replica_max_lag=3600,
+            replica_max_lag=7200,
         )
         async with TodoStore(settings) as store:
             user_id = await _new_user(store)
@@ -475,3 +475,30 @@ async def test_doctor_has_a_line_per_replica(migrated: ReplicaCluster) -> None:
     assert primary.name == "replica 2", primary
     assert not primary.ok
     assert "not a standby" in primary.detail
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def test_replica_urls_are_split_at_each_new_url_and_checked_by_name() -> None:
+    from todo_store.replicas import replica_urls  # noqa: PLC0415
+
+    raw = (
+        "postgresql://u:pw@ep-a-pooler.eu.aws.neon.tech/db?sslmode=require&channel_binding=require,"
+        " postgres://u:pw@h1:5432,h2:5433/db"
+    )
+    assert replica_urls(raw) == [
+        "postgresql://u:pw@ep-a-pooler.eu.aws.neon.tech/db?sslmode=require&channel_binding=require",
+        "postgres://u:pw@h1:5432,h2:5433/db",
+    ]
+    settings = Settings(
+        database_url="postgresql://u:pw@127.0.0.1/db",
+        database_url_replica="postgresql://u:secret-pw@127.0.0.1/db?bogus=1",
+    )
+    with pytest.raises(ValueError, match=r"^DATABASE_URL_REPLICA \(URL 1\): .*bogus") as raised:
+        TodoStore(settings)
+    assert "secret-pw" not in str(raised.value)
+    with pytest.raises(
+        ValueError, match="REPLICA_CHECK_INTERVAL must be less than REPLICA_MAX_LAG"
+    ):
+        Settings(database_url="postgresql://u@h/db", replica_check_interval=5, replica_max_lag=5)

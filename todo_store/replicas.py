@@ -232,6 +232,7 @@ async def write_unit(
             await session.commit()
         finally:
             session.info.pop(_UNFINISHED, None)
+            session.info[_COMMITTED_AT] = None  # rolled back: it wrote nothing
         position = _reported_position(sink)
         session.info[_COMMITTED_AT] = position.token if position is not None else None
         if position is not None:
@@ -274,12 +275,20 @@ class CommitClock:
     """
 
     _KEPT = 4096
+    _RESOLUTION_S = 0.01  # commits this close together share one entry: ~40 s of history
 
     def __init__(self) -> None:
         self._commits: deque[tuple[float, int]] = deque(maxlen=self._KEPT)
 
     def saw(self, lsn: int) -> None:
-        self._commits.append((time.monotonic(), lsn))
+        now = time.monotonic()
+        if self._commits and now - self._commits[-1][0] < self._RESOLUTION_S:
+            # The entry keeps the earlier time: a replica missing this commit is reported
+            # up to the resolution later than it is, never earlier.
+            at, latest = self._commits[-1]
+            self._commits[-1] = (at, max(latest, lsn))
+            return
+        self._commits.append((now, lsn))
 
     def lag(
         self, replay_lsn: int | None, caught_up: bool, upper_bound: float | None, now: float
@@ -412,7 +421,7 @@ class Replica:
         except TimeoutError:
             self.mark_down(f"no answer within {max_lag:g} s")
             return
-        except (TodoStoreError, OSError) as error:
+        except Exception as error:  # whatever failed, the finding is that it is not usable
             self.mark_down(_reason(error))
             return
         in_recovery, replay, caught_up, upper_bound, system_identifier = row
@@ -660,7 +669,10 @@ async def _inspect(
     settings: Settings, primary_id: int, max_lag: float, engines: EngineFactory
 ) -> ReplicaFinding:
     shown = mask(settings.database_url.get_secret_value())
-    engine = engines(settings)
+    try:
+        engine = engines(settings)
+    except ValueError as error:  # a URL that cannot be used
+        return ReplicaFinding(shown, False, str(error), "fix DATABASE_URL_REPLICA")
     try:
         async with engine.connect() as connection:
             row = (await connection.execute(_CHECK)).one()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,3 +79,13 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _checks_within_lag(self) -> Settings:
+        # A replica's last check must be able to be younger than the lag it allows.
+        if self.replica_check_interval >= self.replica_max_lag:
+            raise ValueError(
+                "REPLICA_CHECK_INTERVAL must be less than REPLICA_MAX_LAG "
+                f"({self.replica_check_interval:g} >= {self.replica_max_lag:g} s)"
+            )
+        return self
