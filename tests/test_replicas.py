@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from todo_store import Settings, TaskNotFound, TaskRepo, TodoStore, UserRepo, migrations
 from todo_store.doctor import _replica_checks
 from todo_store.replicas import (
+    ConsistencyTokenUnavailable,
     ForeignConsistencyToken,
     Position,
     Replica,
@@ -159,10 +160,14 @@ async def _replica_healthy(store: TodoStore) -> None:
     await _wait_for(healthy, "reads go to the replica")
 
 
+_last_unit: list[AsyncSession] = []
+
+
 async def _new_user(store: TodoStore) -> str:
     user_id = f"u_rep_{uuid.uuid4().hex[:12]}"
     async with store.session() as session:
         await UserRepo(session).upsert(user_id, email=f"{user_id}@example.com", name="Replica")
+    _last_unit[:] = [session]
     return user_id
 
 
@@ -458,6 +463,31 @@ async def test_bad_tokens_are_refused_before_any_sql(
                 pass
         # Once per process: the primary's system identifier (prepare + execute), nothing else.
         assert measured.round_trips == 2, measured
+
+
+async def test_a_role_that_may_not_read_the_position_commits_and_says_why(
+    migrated: ReplicaCluster,
+) -> None:
+    admin = await asyncpg.connect(migrated.primary_url)
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    try:
+        await admin.execute(
+            f"CREATE ROLE {role} LOGIN; GRANT ALL ON users, tasks TO {role};"
+            "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC"
+        )
+        url = migrated.primary_url.replace("postgres@", f"{role}@")
+        async with TodoStore(_settings(url, None)) as store:
+            user_id = await _new_user(store)
+        with pytest.raises(ConsistencyTokenUnavailable, match="permission denied"):
+            consistency_token(_last_unit[0])
+        async with TodoStore(_settings(migrated.primary_url, None)) as store:
+            assert await _sees_user(store, user_id)  # the unit committed all the same
+    finally:
+        await admin.execute(
+            f"GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC; DROP OWNED BY {role};"
+            f"DROP ROLE {role}"
+        )
+        await admin.close()
 
 
 # -- doctor ---------------------------------------------------------------------------------

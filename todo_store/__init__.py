@@ -30,7 +30,12 @@ if TYPE_CHECKING:
         UserNotFound,
     )
     from todo_store.models import Base, Task, User
-    from todo_store.replicas import ConsistencyToken, ForeignConsistencyToken, consistency_token
+    from todo_store.replicas import (
+        ConsistencyToken,
+        ConsistencyTokenUnavailable,
+        ForeignConsistencyToken,
+        consistency_token,
+    )
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
@@ -69,6 +74,7 @@ _HOMES = {
     "TransactionConflict": "errors",
     "UserNotFound": "errors",
     "ConsistencyToken": "replicas",
+    "ConsistencyTokenUnavailable": "replicas",
     "ForeignConsistencyToken": "replicas",
     "consistency_token": "replicas",
     "Base": "models",
@@ -95,6 +101,7 @@ __all__ = [
     "ConflictError",
     "ConnectionRejected",
     "ConsistencyToken",
+    "ConsistencyTokenUnavailable",
     "DatabaseError",
     "DatabaseUnavailable",
     "DuplicateKey",

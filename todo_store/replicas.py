@@ -68,12 +68,18 @@ _POSITION_NOTICE = "todo_store commit position"
 # Appended to the COMMIT of a unit that wrote, in the same simple query (one round trip).
 # It runs after the commit, so the insert position is at or past the commit record's end.
 # The notice is forced through whatever client_min_messages says, for that statement only.
+_UNAVAILABLE = "unavailable: "
+# The position is read in a block of its own: should the server refuse (a function not
+# granted), the committed unit does not fail; the token says why it has no position.
 _COMMIT_REPORTING_POSITION = (
-    "COMMIT;DO $todo_store$BEGIN "
+    "COMMIT;DO $todo_store$DECLARE position text; BEGIN "
     "PERFORM set_config('client_min_messages', 'notice', true); "
-    f"RAISE NOTICE USING MESSAGE = '{_POSITION_NOTICE}', DETAIL = "
-    "(SELECT system_identifier::text FROM pg_control_system()) || ' ' "
+    "BEGIN "
+    "position := (SELECT system_identifier::text FROM pg_control_system()) || ' ' "
     "|| pg_current_wal_insert_lsn()::text; "
+    f"EXCEPTION WHEN OTHERS THEN position := '{_UNAVAILABLE}' || SQLERRM; "
+    "END; "
+    f"RAISE NOTICE USING MESSAGE = '{_POSITION_NOTICE}', DETAIL = position; "
     "END$todo_store$;"
 )
 _TOKEN_SHAPE = re.compile(r"^([0-9a-f]{1,16})\.([0-9a-f]{1,16})$")
@@ -100,6 +106,10 @@ _SYSTEM_IDENTIFIER = text("SELECT system_identifier FROM pg_control_system()").c
 
 class ForeignConsistencyToken(TodoStoreError, ValueError):
     """`after=` holds a token of another database (its system identifier differs)."""
+
+
+class ConsistencyTokenUnavailable(TodoStoreError):
+    """The unit committed, but the database did not tell where (the message says why)."""
 
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -144,7 +154,10 @@ def consistency_token(session: AsyncSession) -> ConsistencyToken | None:
     `store.session(read_only=True, after=token)` (in this process or another one, e.g. in a
     cookie) to read a state at least as new as this unit's commit.
 
-    Raises `ValueError` while the block still runs, and for a session that is not an atomic
+    Raises `ConsistencyTokenUnavailable` when the unit committed but the database refused to
+    say where (e.g. `pg_control_system()` not granted to the role; the message has the
+    server's reason). Raises `ValueError` while the block still runs, and for a session that
+    is not an atomic
     unit of work of a `TodoStore` (a non-atomic unit commits each statement by itself and has
     no COMMIT to carry the position: use an atomic unit where a token is needed).
     """
@@ -155,7 +168,9 @@ def consistency_token(session: AsyncSession) -> ConsistencyToken | None:
         raise ValueError(
             "consistency_token: not an atomic unit of work of a TodoStore (store.session())"
         )
-    token: ConsistencyToken | None = info[_COMMITTED_AT]
+    token: ConsistencyToken | ConsistencyTokenUnavailable | None = info[_COMMITTED_AT]
+    if isinstance(token, ConsistencyTokenUnavailable):
+        raise token
     return token
 
 
@@ -203,6 +218,8 @@ def track_writes(engine: AsyncEngine) -> None:
 
 
 def _forget_writes(conn: Connection) -> None:
+    if conn.invalidated:
+        return
     conn.info.pop(_WROTE, None)
     driver = conn.connection.driver_connection
     if isinstance(driver, PositionReportingConnection):
@@ -233,6 +250,12 @@ async def write_unit(
         finally:
             session.info.pop(_UNFINISHED, None)
             session.info[_COMMITTED_AT] = None  # rolled back: it wrote nothing
+        if sink and sink[-1].startswith(_UNAVAILABLE):
+            reason = sink[-1].removeprefix(_UNAVAILABLE)
+            session.info[_COMMITTED_AT] = ConsistencyTokenUnavailable(
+                f"the unit committed, but the database did not report where: {reason}"
+            )
+            return
         position = _reported_position(sink)
         session.info[_COMMITTED_AT] = position.token if position is not None else None
         if position is not None:
