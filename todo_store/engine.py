@@ -44,6 +44,7 @@ from todo_store.errors import (
 )
 from todo_store.replicas import (
     PositionReportingConnection,
+    PositionReportingSession,
     ReplicaSet,
     open_connections,
     ran_on_replica,
@@ -136,9 +137,9 @@ def add_store_events(engine: AsyncEngine) -> None:
     event.listen(sync_engine, "handle_error", _raise_typed_error)
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def create_sessionmaker(engine: AsyncEngine, **options: Any) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, **options)
 
 
 # -- first connect: no questions the server already answered -------------------------------
@@ -385,7 +386,9 @@ class TodoStore:
         ReplicaSet.validate(self.settings)
         self.engine = create_engine(self.settings, **engine_kwargs)
         track_writes(self.engine)
-        self.sessionmaker = create_sessionmaker(self.engine)
+        self.sessionmaker = create_sessionmaker(
+            self.engine, sync_session_class=PositionReportingSession
+        )
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._non_atomic = create_sessionmaker(self._autocommit_engine)

@@ -47,6 +47,7 @@ from pydantic import SecretStr
 from sqlalchemy import column, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from todo_store.errors import CommitOutcomeUnknown, DatabaseUnavailable, TodoStoreError
 from todo_store.settings import Settings
@@ -64,6 +65,7 @@ _COMMITTED_AT = "todo_store.consistency_token"  # in Session.info, once the unit
 _UNFINISHED = "todo_store.unit_open"  # in Session.info while the unit's block runs
 _REPLICA = "todo_store.replica"  # in Session.info: the replica a read unit runs on
 _WROTE = "todo_store.wrote"  # in Connection.info: a statement that may write ran
+_CONNECTION = "todo_store.connection"  # in Session.info: the connection the unit began on
 _POSITION_NOTICE = "todo_store commit position"
 # Appended to the COMMIT of a unit that wrote, in the same simple query (one round trip).
 # It runs after the commit, so the insert position is at or past the commit record's end.
@@ -245,7 +247,7 @@ async def write_unit(
         session.info[_UNFINISHED] = True
         try:
             yield session
-            sink = await _request_position(session)
+            sink = _request_position(session)
             await session.commit()
         finally:
             session.info.pop(_UNFINISHED, None)
@@ -262,15 +264,22 @@ async def write_unit(
             learn(position)
 
 
-async def _request_position(session: AsyncSession) -> list[str] | None:
+class PositionReportingSession(Session):
+    """The session of an atomic unit of work: it remembers the connection it began on, so
+    that the unit's commit can ask for its position without a round trip (or an await)."""
+
+
+@event.listens_for(PositionReportingSession, "after_begin")
+def _remember_connection(session: Session, _transaction: Any, connection: Connection) -> None:
+    session.info[_CONNECTION] = connection
+
+
+def _request_position(session: AsyncSession) -> list[str] | None:
     """Ask the unit's connection to report its commit position, if the unit wrote."""
-    if not session.in_transaction():
+    connection: Connection | None = session.info.pop(_CONNECTION, None)
+    if connection is None or connection.invalidated or not connection.info.get(_WROTE):
         return None
-    # The connection the unit already holds: no checkout, nothing sent.
-    connection = await session.connection()
-    if not connection.sync_connection or not connection.sync_connection.info.get(_WROTE):
-        return None
-    driver = (await connection.get_raw_connection()).driver_connection
+    driver = connection.connection.driver_connection
     if not isinstance(driver, PositionReportingConnection):
         return None
     sink: list[str] = []
