@@ -88,7 +88,7 @@ def _round_trips(results: Results) -> str:
         "One unit of work = `async with store.session() as s: await TaskRepo(s).<method>(...)` "
         "(a transaction holding one call; with `session(atomic=False)` no transaction), on a "
         "connection opened and warmed up beforehand. "
-        f"A TCP proxy (`todo_store.testing.proxy.RoundTripProxy`) adds {rtt_ms:.0f} ms to every "
+        f"A TCP proxy (`tests.rigs.proxy.RoundTripProxy`) adds {rtt_ms:.0f} ms to every "
         "server-to-client burst. Each cell: **round trips counted by the proxy** (client turns; "
         "deterministic) / median latency ÷ injected RTT (the same measured by time; median of "
         f"{results.iterations}, after one warm-up unit of work).",

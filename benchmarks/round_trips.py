@@ -44,10 +44,10 @@ from benchmarks.workload import (
     TutorialClient,
     make_owner,
 )
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import TodoStore
 from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable, tracking_binary
 from todo_store.testing.plugin import settings_for
-from todo_store.testing.proxy import RoundTripProxy
 
 # SQLAlchemy's documented asyncpg + PgBouncer recipe ("Prepared Statement Name with PGBouncer").
 RECIPE_CONNECT_ARGS: dict[str, Any] = {

@@ -67,7 +67,7 @@ CALLS: dict[str, Call] = {
 
 _TASK = (
     "tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed, "
-    "tasks.created_at, tasks.updated_at"
+    "tasks.created_at, tasks.updated_at, tasks.version"
 )
 _USER = "users.id, users.email, users.name, users.created_at"
 _MINE = "tasks.user_id = $1::VARCHAR AND tasks.id = $2::BIGINT"

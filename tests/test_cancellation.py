@@ -20,11 +20,11 @@ import pytest_asyncio
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, TodoStoreError, UserRepo
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import ProvisionedServer
-from todo_store.testing.proxy import RoundTripProxy
 
 PATHS = ["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)]
 STORM_UNITS = 320  # per path: 640 in all

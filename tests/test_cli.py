@@ -7,19 +7,22 @@ working directory is a temporary one).
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import CommandRun, run_command
+from conftest import CommandRun, command_env, run_command
 from sqlalchemy.engine import URL, make_url
 
 import todo_store
-from todo_store import migrations
+from todo_store import cli, migrations
 from todo_store.schema_checks import SCHEMA_CHECKS
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
@@ -163,7 +166,10 @@ async def test_doctor_without_a_connection_never_shows_the_password(
     assert connect.startswith("✘ connect: postgresql://")
     assert ":***@" in connect
     assert reason in connect
-    assert run.lines[1:] == [f"✘ {name}: not run: no connection" for name in DOCTOR[1:]]
+    # The reason once, then one line naming the checks that could not run.
+    assert run.lines[1:] == [
+        f"✘ other checks: not run without a connection: {', '.join(DOCTOR[1:])}"
+    ]
 
     json_run = await run_cli(tmp_path, "doctor", "--json", database_url=url)
     assert json_run.returncode == 1
@@ -232,6 +238,8 @@ async def test_migrate_says_what_it_applied(empty_database: str, tmp_path: Path)
         "applied 0001: Initial schema: users, tasks, the owner index and the updated_at trigger.",
         "applied 0002: Move the updated_at trigger onto the package's own function,"
         " todo_store_set_updated_at().",
+        "applied 0003: Tasks carry a version that every change increments: edits can say which"
+        " one they saw.",
         f"at head {head}",
     ]
     assert await migrations.current_revision(settings_for(empty_database)) == head
@@ -248,12 +256,81 @@ async def test_version(tmp_path: Path) -> None:
     assert todo_store.__version__ == importlib.metadata.version("todo-store")
 
 
-@pytest.mark.parametrize(
-    "args",
-    [["--help"], ["doctor", "--help"], ["demo", "--help"], ["migrate", "--help"]],
-)
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    [commands] = [
+        action
+        for action in cli._parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    return dict(commands.choices)
+
+
+@pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in _subcommands())])
 async def test_help_speaks_the_users_words(tmp_path: Path, args: list[str]) -> None:
     run = await run_cli(tmp_path, *args, database_url=None)
     assert run.returncode == 0
     for internal in ("seed", "step 7", "step7"):
         assert internal not in run.stdout.lower()
+
+
+@pytest.mark.parametrize("name", list(_subcommands()))
+async def test_every_subcommand_help_says_what_it_does(tmp_path: Path, name: str) -> None:
+    description = _subcommands()[name].description
+    assert description, f"todo-store {name} has no description"
+
+    run = await run_cli(tmp_path, name, "--help", database_url=None)
+    assert run.returncode == 0
+    assert " ".join(description.split()[:6]) in " ".join(run.stdout.split())
+
+
+@pytest.mark.parametrize("url", ["not a url", "host:notaport"])
+@pytest.mark.parametrize("command", ["migrate", "doctor", "demo"])
+async def test_an_unparseable_url_is_one_line_and_exit_status_2(
+    tmp_path: Path, command: str, url: str
+) -> None:
+    run = await run_cli(tmp_path, command, database_url=url)
+
+    assert run.returncode == 2
+    assert run.lines == [
+        "✘ settings: DATABASE_URL: could not parse database URL"
+        " (expected postgresql://user:password@host/dbname)"
+    ]
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize("args", [["migrate"], ["doctor"], ["doctor", "--json"]])
+async def test_a_missing_database_url_is_exit_status_2_in_every_command(
+    tmp_path: Path, args: list[str]
+) -> None:
+    run = await run_cli(tmp_path, *args, database_url=None)
+
+    assert run.returncode == 2
+    if "--json" in args:
+        assert (
+            run.by_name()["settings"]["detail"] == "DATABASE_URL is not set (environment or .env)"
+        )
+    else:
+        assert run.lines == ["✘ settings: DATABASE_URL is not set (environment or .env)"]
+    assert run.stderr == ""
+
+
+def test_doctor_into_a_closed_pipe_exits_quietly(migrated_url: str, tmp_path: Path) -> None:
+    # `todo-store doctor --json | head -1`, where the reader has gone before doctor writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "todo_store.cli", "doctor", "--json"],
+            cwd=tmp_path,
+            env={**command_env(migrated_url), "PYTHONIOENCODING": "utf-8"},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert run.stderr == ""
+    assert run.returncode == 1

@@ -25,11 +25,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import Settings, TaskRepo, TodoStore
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for
 from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
-from todo_store.testing.proxy import RoundTripProxy
 
 PATHS = ["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)]
 GATE_TIMEOUT_S = 10.0

@@ -26,19 +26,19 @@ import pytest
 from conftest import CommandRun, run_command, tracking_pgbouncer_binary
 from sqlalchemy import text
 
-from todo_store import TodoStore
-from todo_store.connect_errors import PGBOUNCER_LOGIN_MESSAGES, explain_connect_failure
-from todo_store.errors import ConnectionRejected, DatabaseUnavailable
-from todo_store.testing.certificates import CertificatesUnavailable
-from todo_store.testing.pgbouncer import PgBouncer
-from todo_store.testing.plugin import REQUIRE_PGBOUNCER, start_pgbouncer
-from todo_store.testing.secure_server import (
+from tests.rigs.certificates import CertificatesUnavailable
+from tests.rigs.secure_server import (
     SecureServer,
     SecureServerUnavailable,
     pgbouncer_options,
     scram_secret,
     secure_server,
 )
+from todo_store import TodoStore
+from todo_store.connect_errors import PGBOUNCER_LOGIN_MESSAGES, explain_connect_failure
+from todo_store.errors import ConnectionRejected, DatabaseUnavailable
+from todo_store.testing.pgbouncer import PgBouncer
+from todo_store.testing.plugin import REQUIRE_PGBOUNCER, start_pgbouncer
 from todo_store.urls import to_asyncpg
 
 WRONG_PASSWORD = "wrong-Pa55word-never-shown"

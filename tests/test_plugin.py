@@ -22,7 +22,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from todo_store import EmailTaken, Settings, TaskRepo, TodoStore, UserNotFound, UserRepo, migrations
 from todo_store.errors import TodoStoreError
@@ -162,38 +162,119 @@ async def test_disposing_the_store_leaves_the_test_transaction_open(
     assert await _user_exists(todo_store, new_user_id)
 
 
-async def test_units_of_work_of_concurrent_tasks_are_refused_with_the_reason(
-    todo_store: IsolatedTodoStore,
+async def test_units_of_work_of_concurrent_tasks_run_one_after_another(
+    todo_store: IsolatedTodoStore, new_user_id: str
 ) -> None:
-    holding = asyncio.Event()
-    release = asyncio.Event()
+    await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "first")
 
-    async def hold_a_unit_open() -> None:
+    async def add(title: str) -> None:
         async with todo_store.session() as session:
+            await TaskRepo(session).create(new_user_id, title=title)
+            await asyncio.sleep(0)  # let the other tasks try to open theirs meanwhile
+
+    await asyncio.gather(*(add(f"task {n}") for n in range(8)))
+
+    async with todo_store.session() as session:
+        assert await TaskRepo(session).count_for(new_user_id) == 9
+
+
+async def test_a_unit_of_work_waiting_for_the_open_one_is_told_why_instead_of_hanging(
+    todo_store_settings: Settings,
+    todo_store_engine: AsyncEngine,
+    todo_store_connection: AsyncConnection,
+) -> None:
+    store = IsolatedTodoStore(
+        todo_store_settings, todo_store_engine, todo_store_connection, wait_limit=0.2
+    )
+    holding = asyncio.Event()
+    answered = asyncio.Event()
+
+    async def waits_for_an_answer_inside_its_unit() -> None:
+        async with store.session() as session:
             await session.execute(text("SELECT 1"))
             holding.set()
-            await release.wait()
+            await answered.wait()
 
-    holder = asyncio.create_task(hold_a_unit_open())
+    holder = asyncio.create_task(waits_for_an_answer_inside_its_unit())
     await holding.wait()
     try:
-        with pytest.raises(RuntimeError, match="concurrent tasks"):
-            async with todo_store.session():
+        with pytest.raises(RuntimeError, match="is it waiting for this task"):
+            async with store.session():
                 pass
     finally:
-        release.set()
+        answered.set()
         await holder
-    async with todo_store.session() as session:  # one after another is fine
-        assert (await session.execute(text("SELECT 1"))).scalar() == 1
+    await store.wait_for_units_of_work()
 
 
-async def test_nested_units_of_work_in_one_task_work(
+async def test_a_unit_of_work_opened_inside_another_in_the_same_task_is_refused(
     todo_store: IsolatedTodoStore, new_user_id: str
 ) -> None:
     async with todo_store.session() as outer:
         await UserRepo(outer).upsert(new_user_id, email=f"{new_user_id}@x.io", name="O")
-        await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "inner")
-        assert await TaskRepo(outer).count_for(new_user_id) == 1
+        # In production the inner unit would wait for the outer one's row lock: a deadlock.
+        with pytest.raises(RuntimeError, match="already open in this task"):
+            await sign_up(todo_store, new_user_id, f"{new_user_id}@x.io", "inner")
+        await todo_store.ping()  # a ping is no unit of work: fine inside one
+        assert await TaskRepo(outer).count_for(new_user_id) == 0
+    assert await _user_exists(todo_store, new_user_id)
+
+
+async def test_committing_the_test_connection_is_refused_and_nothing_outlives_the_test(
+    todo_store: IsolatedTodoStore, todo_store_settings: Settings, new_user_id: str
+) -> None:
+    async with todo_store.session() as session:
+        await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@x.io", name="C")
+        with pytest.raises(RuntimeError, match="holds the test's transaction"):
+            await (await session.connection()).commit()
+        await TaskRepo(session).create(new_user_id, title="the unit goes on")
+
+    assert await _user_exists(todo_store, new_user_id)
+    async with TodoStore(todo_store_settings) as outside:
+        assert not await _user_exists(outside, new_user_id)
+
+
+async def _write_after_commit_in_read_only_unit(store: TodoStore, user_id: str) -> type:
+    try:
+        async with store.session(read_only=True) as session:
+            await session.commit()
+            await UserRepo(session).upsert(user_id, email=f"{user_id}@x.io", name="R")
+    except TodoStoreError as error:
+        return type(error)
+    raise AssertionError("the read-only unit accepted a write")
+
+
+async def test_a_read_only_unit_stays_read_only_after_commit_as_in_production(
+    todo_store: IsolatedTodoStore, todo_store_settings: Settings, new_user_id: str
+) -> None:
+    refused_here = await _write_after_commit_in_read_only_unit(todo_store, new_user_id)
+    async with TodoStore(todo_store_settings) as production:
+        refused_there = await _write_after_commit_in_read_only_unit(production, new_user_id)
+
+    assert refused_here is refused_there
+    assert not await _user_exists(todo_store, new_user_id)
+
+
+@pytest.mark.todo_store_database
+async def test_the_database_mode_gives_real_commits_on_a_database_of_the_tests_own(
+    todo_store: TodoStore,
+    todo_store_database: Settings,
+    todo_store_settings: Settings,
+    new_user_id: str,
+) -> None:
+    assert not isinstance(todo_store, IsolatedTodoStore)
+    assert todo_store.settings is todo_store_database
+    async with todo_store.session() as outer:
+        await UserRepo(outer).upsert(new_user_id, email=f"{new_user_id}@x.io", name="D")
+        # A second unit is a second connection: it cannot see the uncommitted user.
+        async with todo_store.session() as inner:
+            with pytest.raises(UserNotFound):
+                await UserRepo(inner).get(new_user_id)
+
+    async with TodoStore(todo_store_database) as other_connection:
+        assert await _user_exists(other_connection, new_user_id)  # really committed
+    async with TodoStore(todo_store_settings) as run_database:
+        assert not await _user_exists(run_database, new_user_id)  # elsewhere
 
 
 # -- downstream projects, in child pytest runs --------------------------------------------------
@@ -300,6 +381,118 @@ def test_fixture_and_test_loops_that_differ_are_explained(pytester: pytest.Pytes
     result = pytester.runpytest_subprocess(*STRICT)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*another event loop*give both the same scope*"])
+
+
+ASGI_SERVICE = '''
+"""A downstream ASGI app: POST /<title> adds a task for u_ada in a unit of work of its own."""
+import asyncio
+
+from todo_store import TaskRepo, TodoStore
+
+
+class App:
+    def __init__(self, store: TodoStore) -> None:
+        self.store = store
+        self.holding = asyncio.Event()  # /hold is inside its unit of work
+        self.release = asyncio.Event()  # lets /hold finish
+
+    async def __call__(self, scope, receive, send):
+        title = scope["path"].strip("/")
+        if title == "fail":
+            await self.holding.wait()
+            raise ValueError("bad request")
+        async with self.store.session() as session:
+            await TaskRepo(session).create("u_ada", title=title)
+            if title == "hold":
+                self.holding.set()
+                await self.release.wait()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+'''
+
+ASGI_SERVICE_TESTS = """
+import asyncio
+
+import httpx
+import pytest
+from todo_store import TaskRepo, TodoStore, UserNotFound, UserRepo
+
+from asgi_service import App
+
+
+def client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+async def count(store):
+    async with store.session() as session:
+        return await TaskRepo(session).count_for("u_ada")
+
+
+async def app_for_ada(store):
+    async with store.session() as session:
+        await UserRepo(session).upsert("u_ada", email="ada@example.com", name="Ada")
+    return App(store)
+
+
+@pytest.mark.asyncio
+async def test_requests_sent_at_once(todo_store):
+    async with client(await app_for_ada(todo_store)) as http:
+        replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
+    assert [reply.status_code for reply in replies] == [201] * 10
+    assert await count(todo_store) == 10
+
+
+@pytest.mark.asyncio
+async def test_a_request_fails_while_another_is_in_its_unit_of_work(todo_store):
+    app = await app_for_ada(todo_store)
+    async with client(app) as http:
+        with pytest.raises(ValueError, match="bad request"):
+            await asyncio.gather(http.post("/hold"), http.post("/fail"))
+    app.release.set()  # /hold is still running: the fixture waits for it after the test
+
+
+@pytest.mark.asyncio
+@pytest.mark.todo_store_database
+async def test_requests_sent_at_once_commit_for_real(todo_store, todo_store_database):
+    async with client(await app_for_ada(todo_store)) as http:
+        replies = await asyncio.gather(*(http.post(f"/task{n}") for n in range(10)))
+    assert [reply.status_code for reply in replies] == [201] * 10
+    async with TodoStore(todo_store_database) as other:
+        assert await count(other) == 10
+
+
+@pytest.mark.asyncio
+@pytest.mark.todo_store_database
+async def test_each_marked_test_starts_from_an_empty_database(todo_store):
+    assert await count(todo_store) == 0
+
+
+@pytest.mark.asyncio
+async def test_commit_of_the_test_connection_is_refused(todo_store):
+    async with todo_store.session() as session:
+        await UserRepo(session).upsert("u_bob", email="bob@example.com", name="Bob")
+        await (await session.connection()).commit()
+
+
+@pytest.mark.asyncio
+async def test_nothing_was_committed(todo_store_settings):
+    async with TodoStore(todo_store_settings) as store, store.session() as session:
+        for user_id in ("u_ada", "u_bob"):
+            with pytest.raises(UserNotFound):
+                await UserRepo(session).get(user_id)
+"""
+
+
+def test_downstream_asgi_app_under_concurrent_requests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(asgi_service=ASGI_SERVICE, test_asgi=ASGI_SERVICE_TESTS)
+    result = pytester.runpytest_subprocess(*STRICT, "-v")
+    result.assert_outcomes(passed=5, failed=1)  # and no errors: nothing failed in teardown
+    result.stdout.fnmatch_lines(
+        ["*test_commit_of_the_test_connection_is_refused FAILED*"], consecutive=False
+    )
+    result.stdout.fnmatch_lines(["*RuntimeError: this connection holds the test's transaction*"])
+    result.stdout.no_fnmatch_line("*another operation is in progress*")
 
 
 APP_ALEMBIC_INI = """\

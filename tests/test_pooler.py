@@ -25,6 +25,7 @@ from conftest import command_env, start_tracking_pgbouncer
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from tests.rigs.proxy import RoundTripProxy
 from todo_store import DatabaseUnavailable, Settings, TaskRepo, TodoStore, UserRepo, migrations
 from todo_store.doctor import diagnose
 from todo_store.pooler import PROBE_STATEMENT
@@ -33,7 +34,6 @@ from todo_store.schema_checks import CheckResult
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
-from todo_store.testing.proxy import RoundTripProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOMIC = [pytest.param(True, id="atomic"), pytest.param(False, id="non-atomic")]

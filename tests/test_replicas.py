@@ -32,9 +32,15 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 import pytest_asyncio
-from replica_cluster import ReplicaCluster, ReplicaClusterUnavailable, replica_cluster
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tests.rigs.proxy import RoundTripProxy
+from tests.rigs.replica_cluster import (
+    ReplicaCluster,
+    ReplicaClusterUnavailable,
+    replica_cluster,
+)
+from tests.rigs.secure_server import SecureServerUnavailable, _bindir
 from todo_store import Settings, TaskNotFound, TaskRepo, TodoStore, UserRepo, migrations
 from todo_store.doctor import _replica_checks
 from todo_store.replicas import (
@@ -47,8 +53,6 @@ from todo_store.replicas import (
 )
 from todo_store.testing.plugin import start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
-from todo_store.testing.proxy import RoundTripProxy
-from todo_store.testing.secure_server import SecureServerUnavailable, _bindir
 
 WAIT_S = 15.0  # bound of every wait on a condition
 CHECK_INTERVAL_S = 0.05

@@ -39,11 +39,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+from tests.rigs.proxy import Measurement, RoundTripProxy
 from todo_store import Settings, TaskNotFound, TaskRepo, TodoStore, UserNotFound, UserRepo
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
-from todo_store.testing.proxy import Measurement, RoundTripProxy
 
 PGBOUNCER = "pgbouncer"  # no statement tracking (Debian's 1.18)
 TRACKING = "pgbouncer-tracking"  # >= 1.21, max_prepared_statements = 1000 (Neon's setting)

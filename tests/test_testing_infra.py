@@ -17,6 +17,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
 
+from tests.rigs.proxy import ProxyStats, RoundTripProxy
+from tests.rigs.wire import SYNC, bind, exchange, execute, parse
 from todo_store.testing.pgbouncer import (
     TRACKING_BINARY_ENV,
     PgBouncer,
@@ -31,8 +33,6 @@ from todo_store.testing.postgres import (
     drop_database,
     server_from_url,
 )
-from todo_store.testing.proxy import ProxyStats, RoundTripProxy
-from todo_store.testing.wire import SYNC, bind, exchange, execute, parse
 
 
 def _unique_name(prefix: str) -> str:
@@ -67,6 +67,17 @@ def test_url_with_socket_host_is_described_piecewise() -> None:
         None,
     )
     assert server.is_unix_socket
+
+
+def test_repr_of_a_server_hides_its_password() -> None:
+    server = server_from_url("postgresql://admin:Sup3r-s3cret@db.example:6543/postgres", "env")
+    server_in_query = server_from_url(
+        "postgresql://admin@/postgres?host=/run/pg&password=Sup3r-s3cret", "env"
+    )
+
+    for shown in (repr(server), str(server), repr(server_in_query), f"{[server]}"):
+        assert "Sup3r-s3cret" not in shown
+        assert "admin" in shown  # still says which server and role it is
 
 
 def test_url_with_driver_becomes_plain_libpq_url() -> None:

@@ -8,6 +8,10 @@
   revisions it applied, or that the database was already at head.
 - `todo-store --version` prints the installed version.
 
+Exit status, the same for every command: 0 success; 1 a check, the database or a migration
+failed; 2 nothing to run on (DATABASE_URL missing, a setting invalid or a URL unparseable, an
+unusable `--config`). Every failure is one line, never a traceback.
+
 Each command uses the package's migrations, plus an application's own revisions when an
 `alembic.ini` is in the working directory or given with `--config PATH` (see
 `todo_store.migrations.alembic_config`); doctor then compares against that head and models.
@@ -25,24 +29,28 @@ import argparse
 import asyncio
 import io
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from alembic.util import CommandError
-from pydantic import ValidationError
 
 from todo_store import __version__, migrations
 from todo_store.demo import run_demo
 from todo_store.doctor import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
     REPORTABLE_ERRORS,
-    MissingDatabaseURL,
+    CheckResult,
+    SettingsProblem,
     describe_error,
-    diagnose_from_env,
+    diagnose,
     load_settings,
     render_json,
     render_lines,
-    settings_problem,
+    settings_check,
 )
 from todo_store.settings import Settings
 
@@ -64,9 +72,17 @@ def _config(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    results = diagnose_from_env(_config(args))
+    config = _config(args)
+    results: list[CheckResult]
+    try:
+        settings = load_settings()
+    except SettingsProblem as problem:
+        results, status = [settings_check(problem)], EXIT_CONFIG
+    else:
+        results = asyncio.run(diagnose(settings, config))
+        status = EXIT_OK if all(result.ok for result in results) else EXIT_FAILED
     print(render_json(results) if args.json else render_lines(results))
-    return 0 if all(result.ok for result in results) else 1
+    return status
 
 
 # Failures a command reports on one line: the database's, and alembic's (e.g. a revision the
@@ -85,12 +101,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         settings = load_settings()
-    except MissingDatabaseURL:
-        print("✘ settings: DATABASE_URL is not set (environment or .env)")
-        return 2
-    except ValidationError as error:
-        print(f"✘ settings: {settings_problem(error)}")
-        return 2
+    except SettingsProblem as problem:
+        print(f"✘ settings: {problem}")
+        return EXIT_CONFIG
     print(migrations.direct_settings(settings)[1])
     if config is not None:
         print(f"revisions: todo-store's and those listed in {config}")
@@ -98,15 +111,15 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         applied, heads = asyncio.run(_migrate(settings, config))
     except migrations.UnknownRevisions as unknown:
         print(f"✘ migrate: {unknown}")
-        return 1
+        return EXIT_FAILED
     except _MIGRATION_ERRORS as error:
         print(f"✘ migrate: {describe_error(error, settings)}")
-        return 1
+        return EXIT_FAILED
     for revision in applied:
         print(f"applied {revision.revision}: {revision.description}")
     head = ", ".join(heads)
     print(f"at head {head}" if applied else f"already at head {head}: nothing to apply")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -114,7 +127,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="todo-store", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="todo-store",
+        description=__doc__.splitlines()[0],
+        epilog="exit status: 0 success; 1 a check, the database or a migration failed; "
+        "2 nothing to run on (a setting missing, invalid or unparseable; a bad --config)",
+    )
     parser.add_argument("--version", action="version", version=f"todo-store {__version__}")
     with_config = argparse.ArgumentParser(add_help=False)
     with_config.add_argument(
@@ -126,7 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser(
-        "doctor", parents=[with_config], help="check the configured database, one line each"
+        "doctor",
+        parents=[with_config],
+        help="check the configured database, one line each",
+        description="Check the database DATABASE_URL names: connection, server, pooler, TLS, "
+        "round trip, statement caching, revision, drift and the schema's behaviours (in a "
+        "transaction that is rolled back). One line per check; exit status 0 only if all pass.",
     )
     doctor.add_argument("--json", action="store_true", help="print a JSON list instead")
     doctor.set_defaults(run=_cmd_doctor)
@@ -134,12 +157,18 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         parents=[with_config],
         help="migrate, then run the schema checks and a repository tour (rolled back)",
+        description="Migrate the database DATABASE_URL names (without it: an embedded "
+        "PostgreSQL, deleted on exit), then run the schema checks and a tour of the "
+        "repositories, each in a transaction that is rolled back.",
     )
     demo.set_defaults(run=_cmd_demo)
     migrate = commands.add_parser(
         "migrate",
         parents=[with_config],
         help="upgrade the schema to head (direct URL); says what it applied",
+        description="Upgrade the schema to head over the direct URL (DATABASE_URL_DIRECT, "
+        "derived from a -pooler host, else DATABASE_URL) and list the revisions applied. "
+        "Safe to run from several instances at once.",
     )
     migrate.set_defaults(run=_cmd_migrate)
     return parser
@@ -154,9 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="replace")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
     except _ConfigProblem:
-        return 2
+        return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader went away (`todo-store doctor | head -1`): what it read is what it
+        # wanted. Point stdout at devnull so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    return status
 
 
 if __name__ == "__main__":

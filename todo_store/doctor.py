@@ -9,7 +9,7 @@ the package's migrations or those of an application's `alembic.ini`), then the s
   transaction that is always rolled back (`schema_checks_rolled_back`), so nothing outlives
   the run;
 - a failed connect, revision or drift check is a failed `CheckResult`, not an exception; when
-  no connection can be made, every later check is reported as "not run: no connection";
+  no connection can be made, one more result ("other checks") names those that could not run;
 - nothing it returns or renders contains a password: URLs are shown through `urls.mask`, and
   error messages go through `describe_error`, which also redacts every configured password.
 
@@ -45,12 +45,16 @@ from todo_store.pooler import probe as probe_pooler
 from todo_store.replicas import inspect_replicas, replica_settings
 from todo_store.schema_checks import SCHEMA_CHECKS, UPGRADE_HINT, CheckResult, run_schema_checks
 from todo_store.settings import Settings
-from todo_store.urls import InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
+from todo_store.urls import LOCAL_HOSTS, InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
     "REPORTABLE_ERRORS",
     "CheckResult",
     "MissingDatabaseURL",
+    "SettingsProblem",
     "describe_error",
     "diagnose",
     "diagnose_from_env",
@@ -60,11 +64,11 @@ __all__ = [
     "render_lines",
     "rolled_back_session",
     "schema_checks_rolled_back",
+    "settings_check",
     "settings_problem",
     "upgrade_hint",
 ]
 
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MIN_SERVER_VERSION = 110000  # EXECUTE FUNCTION in the trigger needs PostgreSQL 11
 _RTT_SAMPLES = 5
 _REDACTED_PASSWORD_MIN = 4
@@ -87,21 +91,45 @@ REPORTABLE_ERRORS = (TodoStoreError, InvalidDatabaseURL, OSError, SQLAlchemyErro
 # -------------------------------------------------------------------- settings and errors
 
 
-class MissingDatabaseURL(Exception):
+# Exit statuses of every command (README, "For operators").
+EXIT_OK = 0
+EXIT_FAILED = 1  # a check, the database or a migration failed
+EXIT_CONFIG = 2  # nothing to run on: a setting missing, invalid or unparseable; a bad --config
+
+
+class SettingsProblem(Exception):
+    """The settings cannot be used. `str()` is one line naming the setting, never its value."""
+
+
+class MissingDatabaseURL(SettingsProblem):
     """DATABASE_URL is set neither in the environment nor in `.env`."""
+
+    def __init__(self) -> None:
+        super().__init__("DATABASE_URL is not set (environment or .env)")
 
 
 def load_settings() -> Settings:
-    """`Settings()` from the environment and `.env`.
+    """`Settings()` from the environment and `.env`, with their URLs parsed.
 
-    Raises `MissingDatabaseURL` if DATABASE_URL is absent, `ValidationError` if anything is invalid.
+    Raises `MissingDatabaseURL` if DATABASE_URL is absent, `SettingsProblem` if a setting is
+    invalid or a URL cannot be parsed; before anything connects.
     """
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as error:
         if any(e["loc"] == ("database_url",) and e["type"] == "missing" for e in error.errors()):
             raise MissingDatabaseURL from None
-        raise
+        raise SettingsProblem(settings_problem(error)) from None
+    for name, url in (
+        ("DATABASE_URL", settings.database_url),
+        ("DATABASE_URL_DIRECT", settings.database_url_direct),
+    ):
+        if url is not None:
+            try:
+                to_asyncpg(url.get_secret_value())
+            except InvalidDatabaseURL as error:
+                raise SettingsProblem(f"{name}: {error}") from None
+    return settings
 
 
 def settings_problem(error: ValidationError) -> str:
@@ -163,7 +191,7 @@ def _tls(raw_url: str, server_leg_ssl: bool | None, tls_version: str | None) -> 
     ssl_arg = to_asyncpg(raw_url).connect_args.get("ssl")
     url_requires = isinstance(ssl_arg, ssl.SSLContext) or ssl_arg == "require"
     host = make_url(raw_url).host
-    local = host is None or host in _LOCAL_HOSTS
+    local = host is None or host in LOCAL_HOSTS
     server_leg = f"TLS {tls_version}" if server_leg_ssl else "no TLS"
     client = "required by the URL" if url_requires else "not required by the URL"
     detail = f"server leg {server_leg}; client leg {client}"
@@ -368,9 +396,11 @@ async def schema_checks_rolled_back(engine: AsyncEngine) -> list[CheckResult]:
 
 
 def _without_connection(failed: CheckResult) -> list[CheckResult]:
-    """The failed connect check, then every later check as not run."""
-    not_run = [CheckResult(name, False, "not run: no connection") for name in _AFTER_CONNECT]
-    return [failed, *not_run]
+    """The failed connect check, then one line for every later check: none could run."""
+    not_run = CheckResult(
+        "other checks", False, f"not run without a connection: {', '.join(_AFTER_CONNECT)}"
+    )
+    return [failed, not_run]
 
 
 async def diagnose(settings: Settings, config: Path | None = None) -> list[CheckResult]:
@@ -407,17 +437,21 @@ async def diagnose(settings: Settings, config: Path | None = None) -> list[Check
 
 
 def diagnose_from_env(config: Path | None = None) -> list[CheckResult]:
-    """`diagnose` the settings in the environment / `.env`; a settings problem is the finding.
+    """`diagnose` the settings in the environment / `.env`; a settings problem is the finding
+    (a failed check named "settings").
 
     Runs its own event loop (`asyncio.run`): call it from synchronous code.
     """
     try:
         settings = load_settings()
-    except MissingDatabaseURL:
-        return [CheckResult("settings", False, "DATABASE_URL is not set", "set it in env/.env")]
-    except ValidationError as error:
-        return [CheckResult("settings", False, settings_problem(error))]
+    except SettingsProblem as problem:
+        return [settings_check(problem)]
     return asyncio.run(diagnose(settings, config))
+
+
+def settings_check(problem: SettingsProblem) -> CheckResult:
+    """A settings problem as the failed check "settings"."""
+    return CheckResult("settings", False, str(problem))
 
 
 # ---------------------------------------------------------------------------- rendering

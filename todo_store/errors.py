@@ -11,6 +11,7 @@ What a caller can do with each error:
 |---|---|---|
 | `NotFoundError` (`TaskNotFound`, `UserNotFound`) | no such row for this caller | no |
 | `ConflictError` (`EmailTaken`, `DuplicateKey`) | a uniqueness rule refused the write | no |
+| `VersionConflict` (a `ConflictError`) | the task changed since the expected version | re-read |
 | `InvalidData` | a CHECK / NOT NULL rule refused a value | no |
 | `SchemaNotReady` | a table or column is missing: migrate | after migrating |
 | `TransactionConflict` | serialization failure or deadlock | the whole unit of work |
@@ -36,6 +37,16 @@ class TaskNotFound(NotFoundError):
         super().__init__(f"task {task_id} not found for user {user_id!r}")
         self.user_id = user_id
         self.task_id = task_id
+
+
+class RowNotFound(NotFoundError):
+    """A row of an application's user-owned table (`OwnedRepo`) missing for this caller."""
+
+    def __init__(self, table: str, user_id: str, row_id: object) -> None:
+        super().__init__(f"{table} row {row_id!r} not found for user {user_id!r}")
+        self.table = table
+        self.user_id = user_id
+        self.row_id = row_id
 
 
 class UserNotFound(NotFoundError):
@@ -66,6 +77,21 @@ class DuplicateKey(ConflictError):
     def __init__(self, constraint: str | None) -> None:
         super().__init__(f"duplicate key (constraint {constraint or 'unknown'})")
         self.constraint = constraint
+
+
+class VersionConflict(ConflictError):
+    """The task has moved on from the version the caller expected; nothing was changed.
+
+    `current_version` is the version the task has now: re-read it, merge, and write again
+    with that version (or show the conflict to the user).
+    """
+
+    def __init__(self, user_id: str, task_id: int, *, expected: int, current: int) -> None:
+        super().__init__(f"task {task_id} is at version {current}, not {expected}")
+        self.user_id = user_id
+        self.task_id = task_id
+        self.expected_version = expected
+        self.current_version = current
 
 
 class InvalidData(TodoStoreError, ValueError):
@@ -147,6 +173,11 @@ _AUTH_CLASS = "28"  # invalid authorization: wrong user or password
 _UNKNOWN_DATABASE = "3D000"
 REJECTED_LOGIN = frozenset({"28000", "28P01", _UNKNOWN_DATABASE})
 
+OWNER_KEYS: set[str] = {"fk_tasks_user_id_users"}
+"""Foreign keys from a table's owner column to `users.id`, ON DELETE CASCADE (so only a write
+can violate one): a violation means the owning user does not exist. `OwnedRepo` subclasses
+add their table's."""
+
 
 def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoStoreError:
     """Map one server error (SQLSTATE, constraint name) to the package's exception.
@@ -156,7 +187,7 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
     """
     if sqlstate == _UNIQUE_VIOLATION:
         return EmailTaken() if constraint == "uq_users_email" else DuplicateKey(constraint)
-    if sqlstate == _FOREIGN_KEY_VIOLATION and constraint == "fk_tasks_user_id_users":
+    if sqlstate == _FOREIGN_KEY_VIOLATION and constraint in OWNER_KEYS:
         return UserNotFound()
     if sqlstate in _CHECK_AND_NOT_NULL:
         return InvalidData(constraint)

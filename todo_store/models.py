@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    Integer,
     MetaData,
     String,
     Text,
@@ -78,6 +79,9 @@ class Task(Base):
     completed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Incremented by the database on every UPDATE (trigger update_tasks_version), so an edit
+    # can say which version it saw (`expected_version=`) and raw SQL updates count too.
+    version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
     def __repr__(self) -> str:
         return f"Task(id={self.id!r}, user_id={self.user_id!r}, completed={self.completed!r})"

@@ -21,13 +21,14 @@ work is done per row.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 from sqlalchemy import (
     Column,
     ColumnElement,
     CursorResult,
     Executable,
+    Insert,
     Integer,
     Select,
     Table,
@@ -45,10 +46,12 @@ from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from todo_store.errors import TaskNotFound, UserNotFound
+from todo_store.columns import TableColumns
+from todo_store.errors import TaskNotFound, UserNotFound, VersionConflict
 from todo_store.models import Task, User
 from todo_store.schemas import (
     EmailLookup,
+    ExpectedVersion,
     TaskCreate,
     TaskListQuery,
     TaskPatch,
@@ -75,24 +78,22 @@ UNSET: Final = _Unset()
 
 TASKS = cast(Table, Task.__table__)
 USERS = cast(Table, User.__table__)
+_TASK_FIELDS = frozenset(TaskRecord._fields)
+_USER_FIELDS = frozenset(UserRecord._fields)
 
+# The columns as they are when first used: an application's own columns included, whether
+# its models were imported before or after this module (see `columns.py`).
+TASK_TABLE: Final = TableColumns(TASKS, TaskRecord, lambda column: column.name not in _TASK_FIELDS)
+USER_TABLE: Final = TableColumns(USERS, UserRecord, lambda column: column.name not in _USER_FIELDS)
 
-def _columns(table: Table, record: type[tuple[Any, ...]]) -> tuple[Column[Any], ...]:
-    """The table's columns in the record's field order; the two must name the same columns."""
-    fields: tuple[str, ...] = getattr(record, "_fields")  # noqa: B009 (NamedTuple protocol)
-    if set(fields) != set(table.c.keys()):
-        raise RuntimeError(f"{record.__name__} fields {fields} differ from {table.name} columns")
-    return tuple(table.c[name] for name in fields)
-
-
-TASK_COLUMNS = _columns(TASKS, TaskRecord)
-USER_COLUMNS = _columns(USERS, UserRecord)
-
-# -- statements, built once -------------------------------------------------------------------
+# -- statements, built once per set of columns ------------------------------------------------
 # Bound parameter names never equal a column name: SQLAlchemy reserves those in INSERT/UPDATE.
+
+Columns = tuple[Column[Any], ...]
 
 _OWNER = TASKS.c.user_id == bindparam("owner")
 _THE_TASK = and_(_OWNER, TASKS.c.id == bindparam("task"))
+_AT_VERSION = TASKS.c.version == bindparam("expected")
 
 
 def _status(completed: bool | None) -> list[ColumnElement[bool]]:
@@ -100,53 +101,74 @@ def _status(completed: bool | None) -> list[ColumnElement[bool]]:
     return [] if completed is None else [TASKS.c.completed.is_(completed)]
 
 
-def _list_statement(completed: bool | None, paged: bool) -> Select[Any]:
+def _the_task(versioned: bool) -> ColumnElement[bool]:
+    return and_(_THE_TASK, _AT_VERSION) if versioned else _THE_TASK
+
+
+def _list_statement(columns: Columns, completed: bool | None, paged: bool) -> Select[Any]:
     keyset = [TASKS.c.id < bindparam("before")] if paged else []
     return (
-        select(*TASK_COLUMNS)
+        select(*columns)
         .where(_OWNER, *_status(completed), *keyset)
         .order_by(TASKS.c.id.desc())
         .limit(bindparam("row_limit", type_=Integer))
     )
 
 
-_LIST: Final = {
-    (completed, paged): _list_statement(completed, paged)
-    for completed in (None, True, False)
-    for paged in (False, True)
+def _get_statement(columns: Columns) -> Select[Any]:
+    return select(*columns).where(_THE_TASK)
+
+
+def _create_statement(columns: Columns) -> Insert:
+    # Column values come from the parameter names (user_id, title, description, ...).
+    return insert(TASKS).returning(*columns)
+
+
+def _toggle_statement(columns: Columns, versioned: bool) -> Update:
+    return (
+        update(TASKS)
+        .where(_the_task(versioned))
+        .values(completed=~TASKS.c.completed)
+        .returning(*columns)
+    )
+
+
+def _update_statement(columns: Columns, fields: tuple[str, ...], versioned: bool) -> Update:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
+    return update(TASKS).where(_the_task(versioned)).values(values).returning(*columns)
+
+
+_DELETE: Final = {
+    versioned: delete(TASKS).where(_the_task(versioned)).returning(TASKS.c.id)
+    for versioned in (False, True)
 }
-_GET: Final = select(*TASK_COLUMNS).where(_THE_TASK)
-# Column values come from the parameter names (user_id, title, description).
-_CREATE: Final = insert(TASKS).returning(*TASK_COLUMNS)
-_TOGGLE: Final = (
-    update(TASKS).where(_THE_TASK).values(completed=~TASKS.c.completed).returning(*TASK_COLUMNS)
-)
-_DELETE: Final = delete(TASKS).where(_THE_TASK).returning(TASKS.c.id)
+_VERSION_OF: Final = select(TASKS.c.version).where(_THE_TASK)
 _COUNT: Final = {
     completed: select(func.count()).select_from(TASKS).where(_OWNER, *_status(completed))
     for completed in (None, True, False)
 }
 _COMPLETE_ALL: Final = update(TASKS).where(_OWNER, *_status(False)).values(completed=True)
 _DELETE_COMPLETED: Final = delete(TASKS).where(_OWNER, *_status(True))
-_UPDATES: dict[tuple[str, ...], Update] = {}  # one per set of fields, built on first use
 
-_upsert = pg_insert(USERS)
-_UPSERT: Final = _upsert.on_conflict_do_update(
-    index_elements=[USERS.c.id],
-    set_={"email": _upsert.excluded.email, "name": _upsert.excluded.name},
-).returning(*USER_COLUMNS)
-_USER_GET: Final = select(*USER_COLUMNS).where(USERS.c.id == bindparam("user"))
-_USER_BY_EMAIL: Final = select(*USER_COLUMNS).where(USERS.c.email == bindparam("lookup"))
+
+def _upsert_statement(columns: Columns, app_fields: tuple[str, ...]) -> Insert:
+    upsert = pg_insert(USERS)
+    changed = ("email", "name", *app_fields)
+    return upsert.on_conflict_do_update(
+        index_elements=[USERS.c.id],
+        set_={name: upsert.excluded[name] for name in changed},
+    ).returning(*columns)
+
+
+def _user_get_statement(columns: Columns) -> Select[Any]:
+    return select(*columns).where(USERS.c.id == bindparam("user"))
+
+
+def _user_by_email_statement(columns: Columns) -> Select[Any]:
+    return select(*columns).where(USERS.c.email == bindparam("lookup"))
+
+
 _USER_DELETE: Final = delete(USERS).where(USERS.c.id == bindparam("user")).returning(USERS.c.id)
-
-
-def _update_statement(fields: tuple[str, ...]) -> Update:
-    statement = _UPDATES.get(fields)
-    if statement is None:
-        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
-        statement = update(TASKS).where(_THE_TASK).values(values).returning(*TASK_COLUMNS)
-        _UPDATES[fields] = statement
-    return statement
 
 
 # -- running them -----------------------------------------------------------------------------
@@ -177,28 +199,6 @@ async def _run(
     return await executor.run_sync(_in_session, statement, parameters, shape)
 
 
-def _task_or_none(result: Result[Any]) -> TaskRecord | None:
-    row = result.one_or_none()
-    return None if row is None else TaskRecord._make(row)
-
-
-def _task(result: Result[Any]) -> TaskRecord:
-    return TaskRecord._make(result.one())
-
-
-def _tasks(result: Result[Any]) -> list[TaskRecord]:
-    return list(map(TaskRecord._make, result.all()))
-
-
-def _user_or_none(result: Result[Any]) -> UserRecord | None:
-    row = result.one_or_none()
-    return None if row is None else UserRecord._make(row)
-
-
-def _user(result: Result[Any]) -> UserRecord:
-    return UserRecord._make(result.one())
-
-
 def _scalar(result: Result[Any]) -> Any:
     return result.scalar_one_or_none()
 
@@ -212,6 +212,13 @@ class TaskRepo:
 
     Runs on an `AsyncSession` (`store.session()`), or on an `AsyncConnection`, which skips
     the ORM session's bookkeeping: the same statements, results and errors.
+
+    Columns an application adds to `tasks` are fields of the records returned, and keyword
+    arguments of `create` and `update`, validated by the column's type before any SQL.
+
+    `expected_version=` (on `update`, `set_completed`, `toggle`, `delete`): the write happens
+    only if the task is still at that version; otherwise `VersionConflict` (with
+    `.current_version`) and nothing changes. Without it, the last write wins.
     """
 
     def __init__(self, session: Executor) -> None:
@@ -230,34 +237,39 @@ class TaskRepo:
         `limit` is 1..500. An unknown user simply has no tasks.
         """
         query = TaskListQuery(user_id=user_id, completed=completed, limit=limit, before=before)
-        statement = _LIST[query.completed, query.before is not None]
+        shape = TASK_TABLE.shape()
+        statement = shape.built(_list_statement, query.completed, query.before is not None)
         parameters = {"owner": query.user_id, "row_limit": query.limit, "before": query.before}
         if query.before is None:
             del parameters["before"]
-        return await _run(self.session, statement, parameters, _tasks)
+        return await _run(self.session, statement, parameters, shape.all)
 
     async def get(self, user_id: str, task_id: int) -> TaskRecord:
         """The task, or `TaskNotFound` if it is missing or not this user's."""
         ref = TaskRef(user_id=user_id, task_id=task_id)
+        shape = TASK_TABLE.shape()
         parameters = {"owner": ref.user_id, "task": ref.task_id}
-        task = await _run(self.session, _GET, parameters, _task_or_none)
+        task = await _run(self.session, shape.built(_get_statement), parameters, shape.one_or_none)
         if task is None:
             raise TaskNotFound(ref.user_id, ref.task_id)
         return task
 
     async def create(
-        self, user_id: str, *, title: str, description: str | None = None
+        self, user_id: str, *, title: str, description: str | None = None, **app_columns: Any
     ) -> TaskRecord:
-        """A new task owned by `user_id` (title stripped); `UserNotFound` if no such user."""
+        """A new task owned by `user_id` (title stripped), at version 1; `UserNotFound` if no
+        such user. `app_columns`: values of the application's own columns of `tasks`."""
         owner = UserRef(user_id=user_id)
         data = TaskCreate(title=title, description=description)
+        shape = TASK_TABLE.shape()
         parameters = {
             "user_id": owner.user_id,
             "title": data.title,
             "description": data.description,
+            **shape.create_values(app_columns),
         }
         try:
-            return await _run(self.session, _CREATE, parameters, _task)
+            return await _run(self.session, shape.built(_create_statement), parameters, shape.one)
         except UserNotFound:
             raise UserNotFound(owner.user_id) from None
 
@@ -269,34 +281,67 @@ class TaskRepo:
         title: str | _Unset = UNSET,
         description: str | _Unset | None = UNSET,
         completed: bool | _Unset = UNSET,
+        expected_version: int | None = None,
+        **app_columns: Any,
     ) -> TaskRecord:
-        """Write only the fields given (`description=None` clears it); `TaskNotFound` else."""
+        """Write only the fields given (`description=None` clears it; `app_columns` are the
+        application's own columns); `TaskNotFound` if the task is not this user's.
+
+        With no field given, returns the task as it is (one SELECT), after checking
+        `expected_version` if given.
+        """
         ref = TaskRef(user_id=user_id, task_id=task_id)
+        expected = ExpectedVersion(expected_version=expected_version).expected_version
         given = {"title": title, "description": description, "completed": completed}
         patch = TaskPatch.model_validate({k: v for k, v in given.items() if v is not UNSET})
-        changes = patch.changes()
+        shape = TASK_TABLE.shape()
+        changes = {**patch.changes(), **shape.update_values(app_columns)}
         if not changes:
-            return await self.get(ref.user_id, ref.task_id)
-        return await self._update_one(ref, changes)
+            task = await self.get(ref.user_id, ref.task_id)
+            if expected is not None and task.version != expected:
+                raise VersionConflict(
+                    ref.user_id, ref.task_id, expected=expected, current=task.version
+                )
+            return task
+        return await self._update_one(ref, changes, expected)
 
-    async def set_completed(self, user_id: str, task_id: int, completed: bool = True) -> TaskRecord:
+    async def set_completed(
+        self,
+        user_id: str,
+        task_id: int,
+        completed: bool = True,
+        *,
+        expected_version: int | None = None,
+    ) -> TaskRecord:
         """Mark the task done (or not done); `TaskNotFound` if it is not this user's."""
         ref = TaskRef(user_id=user_id, task_id=task_id)
+        expected = ExpectedVersion(expected_version=expected_version).expected_version
         patch = TaskPatch(completed=completed)
-        return await self._update_one(ref, patch.changes())
+        return await self._update_one(ref, patch.changes(), expected)
 
-    async def toggle(self, user_id: str, task_id: int) -> TaskRecord:
+    async def toggle(
+        self, user_id: str, task_id: int, *, expected_version: int | None = None
+    ) -> TaskRecord:
         """Flip `completed` atomically in the database (concurrent toggles never lose one)."""
         ref = TaskRef(user_id=user_id, task_id=task_id)
-        parameters = {"owner": ref.user_id, "task": ref.task_id}
-        return self._found(ref, await _run(self.session, _TOGGLE, parameters, _task_or_none))
+        expected = ExpectedVersion(expected_version=expected_version).expected_version
+        shape = TASK_TABLE.shape()
+        statement = shape.built(_toggle_statement, expected is not None)
+        task = await _run(
+            self.session, statement, _task_parameters(ref, expected), shape.one_or_none
+        )
+        return task if task is not None else await self._not_written(ref, expected)
 
-    async def delete(self, user_id: str, task_id: int) -> None:
+    async def delete(
+        self, user_id: str, task_id: int, *, expected_version: int | None = None
+    ) -> None:
         """Delete the task; `TaskNotFound` if it is missing or not this user's."""
         ref = TaskRef(user_id=user_id, task_id=task_id)
-        parameters = {"owner": ref.user_id, "task": ref.task_id}
-        if await _run(self.session, _DELETE, parameters, _scalar) is None:
-            raise TaskNotFound(ref.user_id, ref.task_id)
+        expected = ExpectedVersion(expected_version=expected_version).expected_version
+        statement = _DELETE[expected is not None]
+        parameters = _task_parameters(ref, expected)
+        if await _run(self.session, statement, parameters, _scalar) is None:
+            await self._not_written(ref, expected)
 
     async def count_for(self, user_id: str, *, completed: bool | None = None) -> int:
         """How many tasks the user has (optionally only done / not done ones)."""
@@ -314,39 +359,63 @@ class TaskRepo:
         owner = UserRef(user_id=user_id)
         return await _run(self.session, _DELETE_COMPLETED, {"owner": owner.user_id}, _rowcount)
 
-    async def _update_one(self, ref: TaskRef, values: dict[str, Any]) -> TaskRecord:
-        statement = _update_statement(tuple(sorted(values)))
-        parameters = {f"new_{name}": value for name, value in values.items()}
-        parameters.update(owner=ref.user_id, task=ref.task_id)
-        return self._found(ref, await _run(self.session, statement, parameters, _task_or_none))
+    async def _update_one(
+        self, ref: TaskRef, values: dict[str, Any], expected: int | None
+    ) -> TaskRecord:
+        shape = TASK_TABLE.shape()
+        statement = shape.built(_update_statement, tuple(sorted(values)), expected is not None)
+        parameters = _task_parameters(ref, expected)
+        parameters.update({f"new_{name}": value for name, value in values.items()})
+        task = await _run(self.session, statement, parameters, shape.one_or_none)
+        return task if task is not None else await self._not_written(ref, expected)
 
-    @staticmethod
-    def _found(ref: TaskRef, task: TaskRecord | None) -> TaskRecord:
-        if task is None:
-            raise TaskNotFound(ref.user_id, ref.task_id)
-        return task
+    async def _not_written(self, ref: TaskRef, expected: int | None) -> NoReturn:
+        """Why a write matched no row: a missing task, or (one more statement, only when a
+        version was expected) a task that has moved on from it."""
+        if expected is not None:
+            parameters = {"owner": ref.user_id, "task": ref.task_id}
+            current = await _run(self.session, _VERSION_OF, parameters, _scalar)
+            if current is not None:
+                raise VersionConflict(ref.user_id, ref.task_id, expected=expected, current=current)
+        raise TaskNotFound(ref.user_id, ref.task_id)
+
+
+def _task_parameters(ref: TaskRef, expected: int | None) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"owner": ref.user_id, "task": ref.task_id}
+    if expected is not None:
+        parameters["expected"] = expected
+    return parameters
 
 
 class UserRepo:
     """Users, keyed by the auth provider's id; emails are stored lower-cased.
 
-    Runs on an `AsyncSession` or an `AsyncConnection`, like `TaskRepo`.
+    Runs on an `AsyncSession` or an `AsyncConnection`, like `TaskRepo`. Columns an
+    application adds to `users` are fields of the records and keyword arguments of `upsert`.
     """
 
     def __init__(self, session: Executor) -> None:
         self.session = session
 
-    async def upsert(self, user_id: str, *, email: str, name: str) -> UserRecord:
-        """Create the user or update its email and name; `EmailTaken` if another user has it."""
+    async def upsert(
+        self, user_id: str, *, email: str, name: str, **app_columns: Any
+    ) -> UserRecord:
+        """Create the user or update its email and name (and the application's columns
+        given); `EmailTaken` if another user has the email."""
         data = UserUpsert(user_id=user_id, email=email, name=name)
-        parameters = {"id": data.user_id, "email": data.email, "name": data.name}
+        shape = USER_TABLE.shape()
+        app_values = shape.create_values(app_columns)
+        parameters = {"id": data.user_id, "email": data.email, "name": data.name, **app_values}
+        statement = shape.built(_upsert_statement, tuple(sorted(app_values)))
         # INSERT ... ON CONFLICT DO UPDATE returns the row in both cases.
-        return await _run(self.session, _UPSERT, parameters, _user)
+        return await _run(self.session, statement, parameters, shape.one)
 
     async def get(self, user_id: str) -> UserRecord:
         """The user, or `UserNotFound`."""
         owner = UserRef(user_id=user_id)
-        user = await _run(self.session, _USER_GET, {"user": owner.user_id}, _user_or_none)
+        shape = USER_TABLE.shape()
+        statement = shape.built(_user_get_statement)
+        user = await _run(self.session, statement, {"user": owner.user_id}, shape.one_or_none)
         if user is None:
             raise UserNotFound(owner.user_id)
         return user
@@ -354,7 +423,9 @@ class UserRepo:
     async def get_by_email(self, email: str) -> UserRecord:
         """The user with this email (any case), or `UserNotFound`."""
         lookup = EmailLookup(email=email)
-        user = await _run(self.session, _USER_BY_EMAIL, {"lookup": lookup.email}, _user_or_none)
+        shape = USER_TABLE.shape()
+        statement = shape.built(_user_by_email_statement)
+        user = await _run(self.session, statement, {"lookup": lookup.email}, shape.one_or_none)
         if user is None:
             raise UserNotFound(email=lookup.email)
         return user

@@ -1,7 +1,8 @@
 """Schema checks: what the migrations promise, checked on a live database.
 
 Tables and column types, the owner index, the `updated_at` trigger, ids never reused, cascade
-delete and the `completed` default: each is checked by reading the catalogs or by writing.
+delete, the `completed` default and task versions: each is checked by reading the catalogs or
+by writing.
 
 Each `check_*` coroutine runs inside the caller's transaction, returns one line saying what it
 saw, and raises `SchemaCheckFailed` when the schema does not behave as the migrations promise.
@@ -36,7 +37,7 @@ from todo_store.errors import (
 
 _PAST = "2001-01-01T00:00:00Z"
 UPGRADE_HINT = f"run `{UPGRADE_COMMAND}`"
-_RECREATE_HINT = "the schema was altered after migrating: recreate it as migration 0001 does"
+_RECREATE_HINT = "the schema was altered after migrating: recreate it as the migrations do"
 
 # (table, column) -> format_type() of what migration 0001 creates.
 EXPECTED_COLUMNS = {
@@ -51,6 +52,7 @@ EXPECTED_COLUMNS = {
     ("tasks", "completed"): "boolean",
     ("tasks", "created_at"): "timestamp with time zone",
     ("tasks", "updated_at"): "timestamp with time zone",
+    ("tasks", "version"): "integer",
 }
 
 
@@ -240,6 +242,25 @@ async def check_completed_default(session: AsyncSession) -> str:
     return "INSERT without completed -> false"
 
 
+async def check_version_increments(session: AsyncSession) -> str:
+    """A new task is at version 1; every UPDATE, even one that sets `version`, adds one."""
+    user_id = await _new_user(session)
+    task_id = await _new_task(session, user_id)
+    version = text("SELECT version FROM tasks WHERE id = :id")
+    first = await session.scalar(version, {"id": task_id})
+    await session.execute(text("UPDATE tasks SET completed = true WHERE id = :id"), {"id": task_id})
+    # A writer that sets the version itself cannot move it anywhere but forward by one.
+    await session.execute(text("UPDATE tasks SET version = 1 WHERE id = :id"), {"id": task_id})
+    third = await session.scalar(version, {"id": task_id})
+    if (first, third) != (1, 3):
+        raise SchemaCheckFailed(
+            f"versions {first} -> {third} after two UPDATEs, expected 1 -> 3 "
+            "(trigger update_tasks_version missing or disabled)",
+            _RECREATE_HINT,
+        )
+    return "INSERT -> version 1; each UPDATE adds 1 (1 -> 3 after two)"
+
+
 SchemaCheck = Callable[[AsyncSession], Awaitable[str]]
 
 SCHEMA_CHECKS: list[tuple[str, SchemaCheck]] = [
@@ -250,6 +271,7 @@ SCHEMA_CHECKS: list[tuple[str, SchemaCheck]] = [
     ("cascade delete", check_cascade),
     ("updated_at trigger", check_updated_at_trigger),
     ("completed default", check_completed_default),
+    ("version increments", check_version_increments),
 ]
 
 

@@ -26,6 +26,7 @@ from pydantic import (
 from todo_store.models import EMAIL_MAX, NAME_MAX, TITLE_MAX, USER_ID_MAX
 
 BIGINT_MAX = 2**63 - 1
+INTEGER_MAX = 2**31 - 1
 DESCRIPTION_MAX = 10_000
 LIST_LIMIT_MAX = 500
 
@@ -63,6 +64,7 @@ Name = Annotated[
     AfterValidator(_no_nul),
 ]
 ListLimit = Annotated[int, Field(strict=True, ge=1, le=LIST_LIMIT_MAX)]
+Version = Annotated[int, Field(strict=True, ge=1, le=INTEGER_MAX)]
 
 
 class _Input(BaseModel):
@@ -79,6 +81,12 @@ class UserRef(_Input):
 class TaskRef(_Input):
     user_id: UserId
     task_id: TaskId
+
+
+class ExpectedVersion(_Input):
+    """The version of a task the caller last saw (`expected_version=`), if any."""
+
+    expected_version: Version | None = None
 
 
 class TaskCreate(_Input):
@@ -140,6 +148,7 @@ class TaskRead(BaseModel):
     completed: bool
     created_at: datetime
     updated_at: datetime
+    version: int
 
 
 class UserRead(BaseModel):
@@ -153,12 +162,18 @@ class UserRead(BaseModel):
     created_at: datetime
 
 
+def _no_column(record: tuple[Any, ...], name: str) -> AttributeError:
+    fields = ", ".join(getattr(record, "_fields", ()))
+    return AttributeError(f"{type(record).__name__} has no field {name!r} (fields: {fields})")
+
+
 class TaskRecord(NamedTuple):
     """A task as stored, returned by `TaskRepo`: complete, immutable, tied to no session.
 
-    Fields are the `tasks` columns (the `Task` model); reading one never touches the
-    database. Assigning to one raises `AttributeError`: change a task with
-    `TaskRepo.update(...)` (or `toggle`, `set_completed`), which writes it at once.
+    Fields are the `tasks` columns: the package's, typed below, then the ones an application
+    adds to the table (`task.priority`), by name. Reading one never touches the database.
+    Assigning to one raises `AttributeError`: change a task with `TaskRepo.update(...)` (or
+    `toggle`, `set_completed`), which writes it at once.
     """
 
     id: int
@@ -168,6 +183,12 @@ class TaskRecord(NamedTuple):
     completed: bool
     created_at: datetime
     updated_at: datetime
+    version: int
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for a name that is not a column: the application's columns are
+        # real fields of the record class built for the table (see `record_type`).
+        raise _no_column(self, name)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(
@@ -183,7 +204,8 @@ class TaskRecord(NamedTuple):
 class UserRecord(NamedTuple):
     """A user as stored, returned by `UserRepo`: complete, immutable, tied to no session.
 
-    Fields are the `users` columns (the `User` model). Change a user with
+    Fields are the `users` columns: the package's, typed below, then the ones an application
+    adds to the table, by name. Change a user with
     `UserRepo.upsert(...)`; assigning to a field raises `AttributeError`.
     """
 
@@ -191,6 +213,9 @@ class UserRecord(NamedTuple):
     email: str
     name: str
     created_at: datetime
+
+    def __getattr__(self, name: str) -> Any:
+        raise _no_column(self, name)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(

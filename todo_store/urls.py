@@ -34,6 +34,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 ASYNCPG_DRIVER = "postgresql+asyncpg"
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # host names that mean this machine
 _POSTGRES_SCHEMES = frozenset(
     {"postgres", "postgresql", ASYNCPG_DRIVER, "postgresql+psycopg", "postgresql+psycopg2"}
 )

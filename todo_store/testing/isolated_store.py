@@ -21,10 +21,24 @@ How each kind of unit of work behaves, compared with a real `TodoStore`:
   stand alone; and objects added with `session.add()` are flushed outside those savepoints,
   so if such a flush fails the session's earlier calls are undone with it.
 
-Units of work run one at a time on the test's connection: nesting them works (each is a
-savepoint inside the previous one), but units of work of concurrent tasks must not overlap,
-and doing so raises `RuntimeError` saying why. `store.engine` is the test engine: code that
-uses it directly, bypassing `session()`, is not isolated.
+Where one connection cannot behave as production's many, the store stops at the misuse with
+a `RuntimeError` that says what to do, rather than passing what production would fail:
+
+- Units of work run one at a time on the test's connection. A unit opened by another task
+  (`asyncio.gather` of requests to an ASGI app, a `TaskGroup`) waits until the open one ends,
+  as a statement waits for a lock: concurrent requests work, one after another. If the wait
+  outlasts the statement timeout (the open unit is waiting for the waiting one), it fails
+  saying so rather than hang.
+- A unit of work opened while the same task has one open is refused: in production it would
+  run on a second connection, see none of the outer unit's uncommitted rows and wait for its
+  locks, a deadlock the shared connection would hide. Pass the outer session down instead.
+- Committing the test's connection itself (`await (await session.connection()).commit()`)
+  is refused: it would commit the test's transaction, and its rows would outlive the test.
+- A read-only unit stays read-only after `session.commit()`, as a real one does.
+
+`store.engine` is the test engine: code that uses it directly, bypassing `session()`, is not
+isolated. Tests that need real commits, real concurrency or real locks use the
+`todo_store_database` marker (a database of the test's own) instead.
 """
 
 from __future__ import annotations
@@ -34,7 +48,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from todo_store.engine import TodoStore
@@ -47,23 +62,115 @@ _OTHER_LOOP = (
     "@pytest.mark.asyncio(loop_scope=...)): give both the same scope (e.g. both 'session'), "
     "or set neither."
 )
-_OVERLAP = (
-    "a unit of work of another task is still open: the todo_store fixture runs every unit of "
-    "work inside the test's one transaction, on one connection, so units of work of "
-    "concurrent tasks (asyncio.gather, TaskGroup) cannot overlap. Run them one after another, "
-    "or test concurrency with a TodoStore(todo_store_settings) of your own, whose commits are "
-    "real (use unique ids: nothing is rolled back)."
+_NESTED = (
+    "a unit of work is already open in this task. In production the inner one runs on a second "
+    "connection: it sees none of the outer unit's uncommitted rows and waits for its locks "
+    "(a deadlock if it touches the same rows); the todo_store fixture's one connection would "
+    "hide that. Pass the outer session down instead of opening another unit of work, or open "
+    "the second one after the first has ended; for code that really holds two at once, mark "
+    "the test @pytest.mark.todo_store_database (a database of its own, real connections)."
 )
+_WAITED_TOO_LONG = (
+    "waited {seconds:g} s for a unit of work of another task to end: the todo_store fixture "
+    "runs units of work one at a time on the test's connection, and that one is still open "
+    "(is it waiting for this task?). Units of work that must be open at the same time need "
+    "real connections: mark the test @pytest.mark.todo_store_database."
+)
+_LEFT_OPEN = (
+    "a unit of work was still open {seconds:g} s after the test ended (a task the test did not "
+    "wait for): it was cancelled. Await every task that uses the store before the test returns."
+)
+_COMMIT_REFUSED = (
+    "this connection holds the test's transaction, which the todo_store fixtures roll back after "
+    "the test: committing it would keep its rows in the database for the next tests. Let the "
+    "unit of work commit (leave the `async with store.session()` block, or session.commit()); "
+    "for real commits mark the test @pytest.mark.todo_store_database."
+)
+
+
+class RolledBackConnection(AsyncConnection):
+    """The connection that holds the test's transaction: `commit()` is refused.
+
+    Units of work and `todo_store_session` are bound to it, so it is also what
+    `await session.connection()` returns inside them.
+    """
+
+    async def commit(self) -> None:
+        """Refused with `RuntimeError`: see `_COMMIT_REFUSED`."""
+        raise RuntimeError(_COMMIT_REFUSED)
+
+
+class _OneUnitAtATime:
+    """Lets one task at a time hold a unit of work on the test's connection.
+
+    Other tasks wait their turn (bounded by `wait_limit` seconds); the task that holds it may
+    not open another.
+    """
+
+    def __init__(self, wait_limit: float) -> None:
+        self.wait_limit = wait_limit
+        self._lock = asyncio.Lock()
+        self._holder: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # holding or waiting
+
+    def held_by_current_task(self) -> bool:
+        return self._holder is not None and self._holder is asyncio.current_task()
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.held_by_current_task():
+            raise RuntimeError(_NESTED)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            try:
+                async with asyncio.timeout(self.wait_limit):
+                    await self._lock.acquire()
+            except TimeoutError:
+                raise RuntimeError(_WAITED_TOO_LONG.format(seconds=self.wait_limit)) from None
+            self._holder = task
+            try:
+                yield
+            finally:
+                self._holder = None
+                self._lock.release()
+        finally:
+            self._tasks.discard(task)
+
+    async def drain(self) -> None:
+        """Wait for every unit of work to end; cancel the ones still open after `wait_limit`
+        and raise `RuntimeError` saying so."""
+        if not self._lock.locked():
+            return
+        try:
+            async with asyncio.timeout(self.wait_limit):
+                async with self._lock:
+                    return
+        except TimeoutError:
+            pass
+        stragglers = list(self._tasks)
+        for task in stragglers:
+            task.cancel()
+        await asyncio.gather(*stragglers, return_exceptions=True)
+        raise RuntimeError(_LEFT_OPEN.format(seconds=self.wait_limit))
 
 
 class IsolatedTodoStore(TodoStore):
     """A `TodoStore` on one connection whose transaction the test fixture rolls back."""
 
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, connection: AsyncConnection
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        connection: AsyncConnection,
+        *,
+        wait_limit: float | None = None,
     ) -> None:
         """`connection` must be inside a transaction that its owner rolls back.
 
+        `wait_limit`: seconds a unit of work waits for another task's to end (default: the
+        settings' statement timeout, as long as a real statement would wait for a lock).
         `TodoStore.__init__` is not called: it would create an engine of its own. This store
         does not own `engine` or `connection`; `dispose()` leaves both open.
         """
@@ -84,7 +191,9 @@ class IsolatedTodoStore(TodoStore):
             autoflush=False,
         )
         self._fixture_loop = asyncio.get_running_loop()
-        self._open_units: list[asyncio.Task[Any] | None] = []
+        self._units = _OneUnitAtATime(
+            settings.statement_timeout if wait_limit is None else wait_limit
+        )
 
     @asynccontextmanager
     async def session(
@@ -100,11 +209,7 @@ class IsolatedTodoStore(TodoStore):
             raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
         if asyncio.get_running_loop() is not self._fixture_loop:
             raise RuntimeError(_OTHER_LOOP)
-        task = asyncio.current_task()
-        if any(other is not task for other in self._open_units):
-            raise RuntimeError(_OVERLAP)
-        self._open_units.append(task)
-        try:
+        async with self._units.turn():
             unit: AbstractAsyncContextManager[AsyncSession]
             if read_only:
                 unit = self._read_only_unit()
@@ -114,13 +219,13 @@ class IsolatedTodoStore(TodoStore):
                 unit = self._statement_unit()
             async with unit as session:
                 yield session
-        finally:
-            self._open_units.remove(task)
 
     @asynccontextmanager
     async def _read_only_unit(self) -> AsyncIterator[AsyncSession]:
         async with self.sessionmaker() as session:
-            await session.execute(text("SET TRANSACTION READ ONLY"))
+            # Every savepoint the session begins is made READ ONLY, also the ones after a
+            # session.commit(): a real read-only unit's next transaction is read-only too.
+            event.listen(session.sync_session, "after_begin", _make_read_only)
             try:
                 yield session
             finally:
@@ -138,12 +243,24 @@ class IsolatedTodoStore(TodoStore):
             await _keep_what_succeeded(session)
 
     async def ping(self) -> None:
-        """Round-trip to the database on the test's connection."""
+        """Round-trip to the database on the test's connection (also inside a unit of work,
+        where a real store's ping would use a connection of its own)."""
+        if self._units.held_by_current_task():
+            await self.connection.execute(text("SELECT 1"))
+            return
         async with self.session(atomic=False) as session:
             await session.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
         """Nothing: the fixture that made this store closes its connection after the test."""
+
+    async def wait_for_units_of_work(self) -> None:
+        """Wait until no unit of work is open, so the test's transaction can be rolled back.
+
+        Called by the fixture after the test. Units still open after the wait limit (a task
+        the test never awaited) are cancelled, and `RuntimeError` says so.
+        """
+        await self._units.drain()
 
 
 class CallByCallSession(AsyncSession):
@@ -183,6 +300,10 @@ class CallByCallSession(AsyncSession):
                 return await call(*args, **kwargs)
         finally:
             self._in_call = False
+
+
+def _make_read_only(_session: Any, _transaction: Any, connection: Connection) -> None:
+    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 async def _keep_what_succeeded(session: AsyncSession) -> None:

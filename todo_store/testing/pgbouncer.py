@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from sqlalchemy.engine import URL
 
+from todo_store.urls import LOCAL_HOSTS
+
 from .postgres import ProvisionedServer, docker_available
 from .wire import accepts_postgres, simple_query
 
@@ -60,7 +62,6 @@ _CONTAINER_SCRIPT = (
     f' && printf "%s" "$PGBOUNCER_USERS" > {_CONTAINER_AUTH}'
     f" && exec pgbouncer {_CONTAINER_INI}"
 )
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class PgBouncerUnavailable(RuntimeError):
@@ -281,7 +282,7 @@ class PgBouncer:
         # Inside the container, "localhost" is the container itself; the Docker host (where a
         # testcontainers server publishes its port) is reachable as host.docker.internal.
         host = self.server.host
-        server_host = "host.docker.internal" if host in _LOCAL_HOSTS else host
+        server_host = "host.docker.internal" if host in LOCAL_HOSTS else host
         self._version = _CONTAINER_VERSION
         ini_text = self._ini_text(
             version=_CONTAINER_VERSION,

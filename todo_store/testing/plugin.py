@@ -10,6 +10,10 @@ Fixtures that need no event loop (they work with or without pytest-asyncio):
 - `todo_store_server`: the PostgreSQL server of this run (see `postgres.provision_server`).
 - `todo_store_settings`: `Settings` for a fresh database of this run, migrated to head (with
   the application's own revisions when the project's root holds an `alembic.ini`).
+- `todo_store_template`: the name of this run's migrated template database, which the two
+  above are copied from (`CREATE DATABASE … TEMPLATE`): migrations run once per run.
+- `todo_store_database`: `Settings` for a database of the test's own, copied from the
+  template before the test and dropped after it.
 - `todo_store_pgbouncer`: a PgBouncer in transaction mode (pool of 4) in front of that
   database. Skipped where PgBouncer cannot run, unless `TODO_STORE_REQUIRE_PGBOUNCER=1`.
 
@@ -17,7 +21,9 @@ Fixtures that run on the test's event loop (they need pytest-asyncio, which the 
 extra installs; see `todo_store.testing.store_fixtures`):
 
 - `todo_store`: a `TodoStore` whose every unit of work joins one transaction rolled back
-  after the test, so code under test that commits is isolated too.
+  after the test, so code under test that commits is isolated too. In a test marked
+  `@pytest.mark.todo_store_database`: a real `TodoStore` on `todo_store_database` (real
+  commits, connections, concurrency and locks).
 - `todo_store_session`: an `AsyncSession` in that same transaction.
 - `todo_store_connection`: the connection holding that transaction.
 - `todo_store_engine`: the engine these come from (one per event loop).
@@ -30,6 +36,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 
 REQUIRE_PGBOUNCER = "TODO_STORE_REQUIRE_PGBOUNCER"
 ALEMBIC_CONFIG_OPTION = "todo_store_alembic_config"
+DATABASE_MARKER = "todo_store_database"
 _PACKAGE_MIGRATIONS_ONLY = "none"
 _STORE_FIXTURES = "todo_store.testing.store_fixtures"
 _STORE_FIXTURES_UNAVAILABLE = "todo_store.testing.store_fixtures_unavailable"
@@ -107,6 +115,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Add the event-loop fixtures: real ones when pytest-asyncio runs, else ones that say so."""
+    config.addinivalue_line(
+        "markers",
+        f"{DATABASE_MARKER}: the todo_store fixture is a real TodoStore on a database of this "
+        "test's own (copied from a migrated template, dropped after the test), for real "
+        "commits, concurrency and locks",
+    )
     manager = config.pluginmanager
     if manager.has_plugin(_STORE_FIXTURES) or manager.has_plugin(_STORE_FIXTURES_UNAVAILABLE):
         return
@@ -137,27 +151,68 @@ def todo_store_server() -> Iterator[ProvisionedServer]:
 
 
 @pytest.fixture(scope="session")
-def todo_store_settings(
+def todo_store_template(
     todo_store_server: ProvisionedServer, request: pytest.FixtureRequest
-) -> Iterator[Settings]:
-    """A database of its own for this run, migrated to head; dropped at the end.
+) -> Iterator[str]:
+    """The name of this run's template database: migrated to head once, then only copied.
 
     The migrations are the ones `todo-store migrate` would apply in the project's root
     directory: the package's, plus the application's own when an `alembic.ini` is there
-    (the ini option `todo_store_alembic_config` names another file, or `none`).
-    Created and migrated on an event loop of its own, so the database outlives any test loop
-    and works whichever loop scope the tests use.
+    (the ini option `todo_store_alembic_config` names another file, or `none`). Nobody can
+    connect to the template, so copies of it can be made at any time; dropped at the end.
     """
     from todo_store import migrations  # noqa: PLC0415
-    from todo_store.testing.postgres import create_database, drop_database  # noqa: PLC0415
+    from todo_store.testing.postgres import (  # noqa: PLC0415
+        create_database,
+        drop_database,
+        make_template,
+    )
 
     alembic_ini = _alembic_config(request.config)
     admin_url = todo_store_server.admin_url
-    name = f"todo_store_test_{secrets.token_hex(4)}"
+    name = f"todo_store_template_{secrets.token_hex(4)}"
     settings = settings_for(run_in_own_loop(lambda: create_database(admin_url, name)))
     try:
         run_in_own_loop(lambda: migrations.upgrade(settings, config=alembic_ini))
+        run_in_own_loop(lambda: make_template(admin_url, name))
+        yield name
+    finally:
+        run_in_own_loop(lambda: drop_database(admin_url, name))
+
+
+@pytest.fixture(scope="session")
+def todo_store_settings(
+    todo_store_server: ProvisionedServer, todo_store_template: str
+) -> Iterator[Settings]:
+    """A database of its own for this run, migrated to head (a copy of the template); dropped
+    at the end.
+
+    Created on an event loop of its own, so the database outlives any test loop and works
+    whichever loop scope the tests use.
+    """
+    with _database_copy(todo_store_server, todo_store_template, "todo_store_test") as settings:
         yield settings
+
+
+@pytest.fixture
+def todo_store_database(
+    todo_store_server: ProvisionedServer, todo_store_template: str
+) -> Iterator[Settings]:
+    """A database of this test's own, migrated to head (a copy of the template), dropped after
+    the test: what the code under test commits is real, and gone after the test."""
+    with _database_copy(todo_store_server, todo_store_template, "todo_store_test") as settings:
+        yield settings
+
+
+@contextmanager
+def _database_copy(server: ProvisionedServer, template: str, prefix: str) -> Iterator[Settings]:
+    from todo_store.testing.postgres import create_database, drop_database  # noqa: PLC0415
+
+    admin_url = server.admin_url
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    url = run_in_own_loop(lambda: create_database(admin_url, name, template=template))
+    try:
+        yield settings_for(url)
     finally:
         run_in_own_loop(lambda: drop_database(admin_url, name))
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
+from todo_store.urls import mask
+
 DATABASE_URL_ENV = "TODO_STORE_TEST_DATABASE_URL"
 SOURCE_ENV = "TODO_STORE_TEST_POSTGRES"
 SOURCES = ("env", "docker", "embedded")
@@ -51,6 +53,14 @@ class ProvisionedServer:
     port: int
     user: str
     password: str | None
+
+    def __repr__(self) -> str:
+        # The password (also inside `admin_url`) stays out of reprs, so out of test reports.
+        return (
+            f"ProvisionedServer(admin_url={mask(self.admin_url)!r}, source={self.source!r}, "
+            f"host={self.host!r}, port={self.port!r}, user={self.user!r}, "
+            f"password={'***' if self.password else None!r})"
+        )
 
     @property
     def is_unix_socket(self) -> bool:
@@ -196,18 +206,41 @@ def _checked_name(name: str) -> str:
     return '"' + name + '"'  # quoted anyway: the pattern still admits keywords such as "user"
 
 
-async def create_database(admin_url: str, name: str) -> str:
+async def create_database(admin_url: str, name: str, *, template: str | None = None) -> str:
     """Create database `name` (which must match `^[a-z_][a-z0-9_]{0,62}$`); return its URL.
 
+    With `template`, the new database is a copy of that one (`CREATE DATABASE … TEMPLATE`:
+    schema and rows, no migrations to run); nobody may be connected to the template.
     The URL is `admin_url` with only the database replaced, password included.
     """
-    await _execute(admin_url, f"CREATE DATABASE {_checked_name(name)}")
+    sql = f"CREATE DATABASE {_checked_name(name)}"
+    if template is not None:
+        sql += f" TEMPLATE {_checked_name(template)}"
+    await _execute(admin_url, sql)
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
+async def make_template(admin_url: str, name: str) -> None:
+    """Make database `name` a template that refuses connections, so that copies of it can be
+    made at any time (a copy fails while anyone is connected to its template)."""
+    await _execute(
+        admin_url,
+        f"ALTER DATABASE {_checked_name(name)} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false",
+    )
+
+
 async def drop_database(admin_url: str, name: str) -> None:
-    """Drop database `name` if it exists, disconnecting whoever is still connected to it."""
-    await _execute(admin_url, f"DROP DATABASE IF EXISTS {_checked_name(name)} WITH (FORCE)")
+    """Drop database `name` if it exists (a template too), disconnecting whoever is still
+    connected to it."""
+    quoted = _checked_name(name)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        # PostgreSQL refuses to drop a template: make it an ordinary database first.
+        if await conn.fetchval("SELECT datistemplate FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f"ALTER DATABASE {quoted} WITH IS_TEMPLATE false")
+        await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        await conn.close()
 
 
 async def _execute(admin_url: str, sql: str) -> None:

@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 
+from todo_store.testing.plugin import DATABASE_MARKER
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+    from todo_store.engine import TodoStore
     from todo_store.settings import Settings
     from todo_store.testing.isolated_store import IsolatedTodoStore
 
@@ -52,13 +55,22 @@ async def todo_store_engine(todo_store_settings: Settings) -> AsyncIterator[Asyn
 
 @pytest_asyncio.fixture
 async def todo_store_connection(todo_store_engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection inside a transaction that is rolled back after the test."""
-    async with todo_store_engine.connect() as connection:
+    """A connection inside a transaction that is rolled back after the test.
+
+    Its `commit()` is refused (it would keep the test's rows for the next tests).
+    """
+    from todo_store.testing.isolated_store import RolledBackConnection  # noqa: PLC0415
+
+    connection = RolledBackConnection(todo_store_engine)
+    await connection.start()
+    try:
         transaction = await connection.begin()
         try:
             yield connection
         finally:
             await transaction.rollback()
+    finally:
+        await connection.close()
 
 
 @pytest_asyncio.fixture
@@ -79,14 +91,38 @@ async def todo_store_session(todo_store_connection: AsyncConnection) -> AsyncIte
         await session.close()
 
 
+@pytest.fixture
+def todo_store(request: pytest.FixtureRequest) -> TodoStore:
+    """A `TodoStore` for the test: by default an `IsolatedTodoStore`, whose units of work all
+    join the test's transaction, so what code under test commits is rolled back after the
+    test. In a test marked `@pytest.mark.todo_store_database`: a real `TodoStore` on a
+    database of the test's own (`todo_store_database`), dropped after the test."""
+    if request.node.get_closest_marker(DATABASE_MARKER) is not None:
+        return request.getfixturevalue("_todo_store_on_own_database")  # type: ignore[no-any-return]
+    return request.getfixturevalue("_todo_store_rolled_back")  # type: ignore[no-any-return]
+
+
 @pytest_asyncio.fixture
-async def todo_store(
+async def _todo_store_rolled_back(
     todo_store_settings: Settings,
     todo_store_engine: AsyncEngine,
     todo_store_connection: AsyncConnection,
 ) -> AsyncIterator[IsolatedTodoStore]:
-    """A `TodoStore` whose units of work all join the test's transaction (see
-    `IsolatedTodoStore`): what code under test commits is rolled back after the test."""
     from todo_store.testing.isolated_store import IsolatedTodoStore  # noqa: PLC0415
 
-    yield IsolatedTodoStore(todo_store_settings, todo_store_engine, todo_store_connection)
+    store = IsolatedTodoStore(todo_store_settings, todo_store_engine, todo_store_connection)
+    yield store
+    # Tasks the test started may still be in a unit of work: the transaction is rolled back
+    # once they are done, not under them.
+    await store.wait_for_units_of_work()
+
+
+@pytest_asyncio.fixture
+async def _todo_store_on_own_database(todo_store_database: Settings) -> AsyncIterator[TodoStore]:
+    from todo_store.engine import TodoStore  # noqa: PLC0415
+
+    store = TodoStore(todo_store_database)
+    try:
+        yield store
+    finally:
+        await store.dispose()

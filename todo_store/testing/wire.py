@@ -3,9 +3,8 @@
 - `accepts_postgres`: is a PostgreSQL-speaking server listening (a readiness probe)?
 - `simple_query`: run one command over the simple query protocol and return the rows as text;
   PgBouncer's admin console speaks only that protocol, and asyncpg always prepares.
-- `exchange`: send batches of extended-protocol messages built with `parse`, `bind`,
-  `execute` and `SYNC`, exactly as given, e.g. a Bind in another Sync group than its Parse
-  (which no well-behaved driver sends), to see what a server or pooler makes of them.
+- the building blocks (`startup`, `message`, `read_until_ready`, `ServerError`) for clients
+  that send other messages.
 Trust authentication only: these talk to test servers this package started.
 """
 
@@ -37,88 +36,38 @@ def simple_query(
     host: str, port: int, user: str, database: str, sql: str
 ) -> list[dict[str, str | None]]:
     with socket.create_connection((host, port), timeout=5.0) as sock, sock.makefile("rb") as inp:
-        sock.sendall(_startup(user, database))
-        _read_rows(inp)  # authentication (trust: AuthenticationOk) up to ReadyForQuery
-        sock.sendall(_message(b"Q", sql.encode() + b"\0"))
-        rows = _read_rows(inp)
-        sock.sendall(_message(b"X", b""))
+        sock.sendall(startup(user, database))
+        read_until_ready(inp)  # authentication (trust: AuthenticationOk) up to ReadyForQuery
+        sock.sendall(message(b"Q", sql.encode() + b"\0"))
+        rows = read_until_ready(inp)
+        sock.sendall(message(b"X", b""))
     return rows
 
 
-def parse(statement: str, query: str) -> bytes:
-    """A Parse message (no parameter types); `statement` "" is the unnamed statement."""
-    return _message(b"P", _cstr(statement) + _cstr(query) + struct.pack("!h", 0))
-
-
-def bind(statement: str) -> bytes:
-    """A Bind of `statement` to the unnamed portal, without parameters, text results."""
-    return _message(b"B", _cstr("") + _cstr(statement) + struct.pack("!hhh", 0, 0, 0))
-
-
-def execute() -> bytes:
-    """An Execute of the unnamed portal, all rows."""
-    return _message(b"E", _cstr("") + struct.pack("!i", 0))
-
-
-SYNC = b"S" + struct.pack("!i", 4)
-
-
-def exchange(host: str, port: int, user: str, database: str, batches: list[bytes]) -> list[str]:
-    """Send each batch (it must end with `SYNC`) and wait for ReadyForQuery after it.
-
-    Returns one result per batch: "" if it went through, else the SQLSTATE of its error.
-    """
-    results = []
-    with socket.create_connection((host, port), timeout=5.0) as sock, sock.makefile("rb") as inp:
-        sock.sendall(_startup(user, database))
-        _read_rows(inp)
-        for batch in batches:
-            sock.sendall(batch)
-            try:
-                _read_rows(inp)
-            except _ServerError as error:
-                results.append(error.sqlstate)
-                _skip_to_ready(inp)
-            else:
-                results.append("")
-        sock.sendall(_message(b"X", b""))
-    return results
-
-
-def _cstr(value: str) -> bytes:
-    return value.encode() + b"\0"
-
-
-def _startup(user: str, database: str) -> bytes:
+def startup(user: str, database: str) -> bytes:
+    """A protocol 3.0 StartupMessage for `user` and `database`."""
     params = b"".join(
         key + b"\0" + value.encode() + b"\0"
         for key, value in ((b"user", user), (b"database", database))
     )
-    startup = struct.pack("!i", _PROTOCOL_V3) + params + b"\0"
-    return struct.pack("!i", len(startup) + 4) + startup
+    packet = struct.pack("!i", _PROTOCOL_V3) + params + b"\0"
+    return struct.pack("!i", len(packet) + 4) + packet
 
 
-class _ServerError(RuntimeError):
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(f"server error: {message}")
+class ServerError(RuntimeError):
+    """The server answered with an ErrorResponse; `sqlstate` is its code."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(f"server error: {text}")
         self.sqlstate = sqlstate
 
 
-def _skip_to_ready(inp: _Readable) -> None:
-    while True:
-        header = inp.read(5)
-        if len(header) < 5:
-            raise ConnectionError("the server closed the connection")
-        inp.read(struct.unpack("!i", header[1:])[0] - 4)
-        if header[:1] == b"Z":
-            return
-
-
-def _message(kind: bytes, body: bytes) -> bytes:
+def message(kind: bytes, body: bytes) -> bytes:
+    """A typed protocol message: the kind byte, the length, the body."""
     return kind + struct.pack("!i", len(body) + 4) + body
 
 
-def _read_rows(inp: _Readable) -> list[dict[str, str | None]]:
+def read_until_ready(inp: Readable) -> list[dict[str, str | None]]:
     """Read messages up to ReadyForQuery; return the rows described and sent on the way."""
     columns: list[str] = []
     rows: list[dict[str, str | None]] = []
@@ -131,7 +80,7 @@ def _read_rows(inp: _Readable) -> list[dict[str, str | None]]:
         if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
             raise ConnectionError("the server asked for a password; expected auth trust")
         if kind == b"E":
-            raise _ServerError(_error_field(body, b"C"), _error_message(body))
+            raise ServerError(_error_field(body, b"C"), _error_message(body))
         if kind == b"T":
             columns = _column_names(body)
         elif kind == b"D":
@@ -143,7 +92,9 @@ def _read_rows(inp: _Readable) -> list[dict[str, str | None]]:
             return rows
 
 
-class _Readable(Protocol):
+class Readable(Protocol):
+    """What the readers need of a socket's file: `read(n)`."""
+
     def read(self, size: int, /) -> bytes: ...
 
 

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 
-from .certificates import TestCertificates, issue_certificates
-from .postgres import ProvisionedServer
+from tests.rigs.certificates import TestCertificates, issue_certificates
+from todo_store.testing.postgres import ProvisionedServer
 
 if TYPE_CHECKING:
     import pwd
@@ -266,7 +266,7 @@ class _Cluster:
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]
         with self.log.open("ab") as log:
-            process = subprocess.Popen(  # noqa: S603 - our binary, our arguments
+            process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -302,7 +302,7 @@ class _Cluster:
 
     def _run(self, program: str, *args: str, stdin: str | None = None) -> None:
         try:
-            result = subprocess.run(  # noqa: S603 - our binary, our arguments
+            result = subprocess.run(
                 [str(self.bindir / program), *args],
                 input=(stdin or "").encode(),
                 capture_output=True,
@@ -351,7 +351,7 @@ def _bindir() -> Path:
     pg_config = shutil.which("pg_config")
     if pg_config is not None:
         try:
-            found = subprocess.run(  # noqa: S603 - a fixed flag
+            found = subprocess.run(
                 [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False
             ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from todo_store.testing.secure_server import SecureServerUnavailable, _bindir, _free_port
-from todo_store.testing.secure_server import _unprivileged_account as unprivileged_account
+from tests.rigs.secure_server import SecureServerUnavailable, _bindir, _free_port
+from tests.rigs.secure_server import _unprivileged_account as unprivileged_account
 
 _TIMEOUT_S = 60.0
 _READY_TIMEOUT_S = 30.0
