@@ -536,3 +536,14 @@ def test_replica_urls_are_split_at_each_new_url_and_checked_by_name() -> None:
         ValueError, match="REPLICA_CHECK_INTERVAL must be less than REPLICA_MAX_LAG"
     ):
         Settings(database_url="postgresql://u@h/db", replica_check_interval=5, replica_max_lag=5)
+
+
+async def test_the_test_fixtures_units_need_no_token(
+    todo_store: TodoStore, new_user_id: str
+) -> None:
+    async with todo_store.session() as session:
+        await UserRepo(session).upsert(new_user_id, email=f"{new_user_id}@example.com", name="F")
+    token = consistency_token(session)  # code that passes tokens on works under the fixture
+    assert token is None
+    async with todo_store.session(read_only=True, after=token) as session:
+        assert (await UserRepo(session).get(new_user_id)).id == new_user_id

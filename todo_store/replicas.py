@@ -176,6 +176,12 @@ def consistency_token(session: AsyncSession) -> ConsistencyToken | None:
     return token
 
 
+def without_position(session: AsyncSession) -> None:
+    """Mark a committed unit as having no token (`consistency_token` returns None): for units
+    whose later reads see their writes anyway (the test fixture's units share a transaction)."""
+    session.info[_COMMITTED_AT] = None
+
+
 class PositionReportingConnection(asyncpg.Connection):
     """An asyncpg connection that reports where its COMMIT landed, in the COMMIT's round trip.
 

@@ -53,6 +53,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from todo_store.engine import TodoStore
+from todo_store.replicas import without_position
 from todo_store.settings import Settings
 
 _OTHER_LOOP = (
@@ -219,6 +220,9 @@ class IsolatedTodoStore(TodoStore):
                 unit = self._statement_unit()
             async with unit as session:
                 yield session
+            if atomic and not read_only:
+                # Every unit here sees the test's writes: no token is needed to read them.
+                without_position(session)
 
     @asynccontextmanager
     async def _read_only_unit(self) -> AsyncIterator[AsyncSession]:
