@@ -35,11 +35,15 @@ def tests_lowest(session: nox.Session) -> None:
 
 
 def _lowest_pins() -> list[str]:
-    """`name==lower bound` for the runtime requirements of pyproject.toml and the pytest ones
-    the plugin runs on (the database provisioning extras are tools, not API)."""
+    """`name==lower bound` for the runtime requirements of pyproject.toml, the pytest ones the
+    plugin runs on (the database provisioning extras are tools, not API), and OpenTelemetry's."""
     project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
-    testing = project["optional-dependencies"]["testing"]
-    requirements = project["dependencies"] + [r for r in testing if r.startswith("pytest")]
+    extras = project["optional-dependencies"]
+    requirements = (
+        project["dependencies"]
+        + [r for r in extras["testing"] if r.startswith("pytest")]
+        + [r for r in extras["otel"] + extras["dev"] if r.startswith("opentelemetry")]
+    )
     pins = []
     for requirement in requirements:
         match = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?[^>]*>=([^,;\s]+)", requirement)

@@ -351,6 +351,8 @@ async def test_full_pooler_is_unavailable_with_its_reason(server: SecureServer) 
 
     assert isinstance(error, DatabaseUnavailable)
     assert "no more connections allowed (max_client_conn)" in str(error)
+    assert "check that the server is up" not in str(error)  # it is the pooler that is full
+    assert "max_client_conn" in str(error).split("—")[-1]  # the advice names the limit
 
 
 # --- what is never converted, and never shown -----------------------------------------------

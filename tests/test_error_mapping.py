@@ -30,6 +30,7 @@ from todo_store import (
     DatabaseError,
     DatabaseUnavailable,
     DuplicateKey,
+    ReadOnlyViolation,
     SchemaNotReady,
     Settings,
     TaskRepo,
@@ -310,9 +311,11 @@ def test_too_many_connections_is_transient() -> None:
 async def test_read_only_session_is_a_read_only_transaction(store: TodoStore) -> None:
     async with store.session(read_only=True) as session:
         assert await session.scalar(text("SHOW transaction_read_only")) == "on"
-        with pytest.raises(DatabaseError) as raised:
+        with pytest.raises(ReadOnlyViolation) as raised:
             await UserRepo(session).upsert("u_ro", email="ro@example.com", name="RO")
     assert raised.value.sqlstate == "25006"
+    assert "the unit of work is read-only" in str(raised.value)
+    assert not isinstance(raised.value, DatabaseError)
     async with store.session() as session:  # the option does not stick to the connection
         assert await session.scalar(text("SHOW transaction_read_only")) == "off"
 

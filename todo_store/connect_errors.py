@@ -25,16 +25,29 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
 
-from todo_store.errors import ConnectionRejected, DatabaseUnavailable, TodoStoreError
+from todo_store.errors import (
+    AUTH_CLASS,
+    UNKNOWN_DATABASE,
+    ConnectionRejected,
+    DatabaseUnavailable,
+    TodoStoreError,
+)
 from todo_store.urls import TlsIntent
 
-__all__ = ["PGBOUNCER_LOGIN_MESSAGES", "explain_connect_failure"]
+__all__ = [
+    "PGBOUNCER_LOGIN_MESSAGES",
+    "driver_error",
+    "error_chain",
+    "explain_connect_failure",
+    "pooler_cannot_reach_server",
+]
 
 _CHECK_LOGIN = "check the user name and password in DATABASE_URL"
 _CHECK_DATABASE = "check the database name in DATABASE_URL (the path after the host: /dbname)"
@@ -77,6 +90,28 @@ _TLS_REQUIRED = _Kind(
     advice="the server accepts only TLS connections: use sslmode=require or verify-full",
 )
 _POOLER_BUSY = _Kind(rejected=False, advice=_RETRY)
+_POOLER_FULL = _Kind(
+    rejected=False,
+    advice=(
+        "the pooler is up but admits no more clients (max_client_conn): retry later, and "
+        "lower POOL_SIZE / MAX_OVERFLOW or the number of processes, or raise the pooler's limit"
+    ),
+)
+_POOLER_NO_SERVER = _Kind(
+    rejected=False,
+    advice="the pooler is up but cannot log in to the database server (suspended, restarting "
+    "or down): retry later",
+)
+_POOLER_QUEUE = _Kind(
+    rejected=False,
+    advice="the pooler got no free server connection in time (all busy, or the server is "
+    "unreachable): retry later",
+)
+_TLS_REFUSED = (
+    "the server (or pooler) does not offer TLS, and the URL requires it: connect to an "
+    "endpoint with TLS, or, only on a trusted network, use sslmode=disable or prefer"
+)
+_UNKNOWN_HOST = "check the host name in DATABASE_URL (the name does not resolve)"
 
 # PgBouncer's fixed login-failure texts, all sent under SQLSTATE 08P01, taken from src/client.c,
 # src/objects.c and src/janitor.c of PgBouncer 1.25.2. The tests produce the main ones with
@@ -110,11 +145,11 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
     "no pg_hba.conf entry for": _AUTH,
     "permission denied for database": _AUTH,
     # Transient: the pooler is busy, restarting or cannot reach the server right now.
-    "no more connections allowed": _POOLER_BUSY,  # max_client_conn
-    "client connections exceeded": _POOLER_BUSY,  # max_db/user_client_connections
-    "query_wait_timeout": _POOLER_BUSY,
+    "no more connections allowed": _POOLER_FULL,  # max_client_conn
+    "client connections exceeded": _POOLER_FULL,  # max_db/user_client_connections
+    "query_wait_timeout": _POOLER_QUEUE,
     "client_login_timeout": _POOLER_BUSY,
-    "server login has been failing": _POOLER_BUSY,  # server_login_retry, cached error
+    "server login has been failing": _POOLER_NO_SERVER,  # server_login_retry, cached error
     "server shutting down": _POOLER_BUSY,
     "pooler is shutting down": _POOLER_BUSY,
     'database ".*" is disabled': _POOLER_BUSY,  # DISABLE on the admin console
@@ -122,8 +157,6 @@ PGBOUNCER_LOGIN_MESSAGES: dict[str, _Kind] = {
 }
 
 _PROTOCOL_VIOLATION = "08P01"  # PgBouncer's SQLSTATE for everything it reports itself
-_AUTH_CLASS = "28"
-_UNKNOWN_DATABASE_STATE = "3D000"
 _INSUFFICIENT_PRIVILEGE = "42501"  # e.g. CONNECT revoked on the database
 _SETTING_CLASSES = ("22", "42")  # a startup setting the server refuses (bad name or value)
 _HOSTNAME_MISMATCH_CODES = frozenset({62, 64})  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
@@ -139,14 +172,16 @@ def explain_connect_failure(
     """
     if not isinstance(error, Exception) or isinstance(error, TodoStoreError):
         return None
-    cause = _driver_error(error)
+    cause = driver_error(error)
 
     def said(text: str) -> str:
         """A text from the error: one line, password redacted."""
         line = " ".join(text.split())
         return line.replace(password, "***") if password else line
 
-    if isinstance(cause, asyncpg.PostgresError):
+    if isinstance(cause, asyncpg.PostgresError) and not isinstance(
+        cause, asyncpg.ConnectionDoesNotExistError
+    ):
         message = getattr(cause, "message", None) or str(cause)
         return _server_error(cause.sqlstate or "", said(message))
     if isinstance(cause, ssl.SSLCertVerificationError):
@@ -156,6 +191,12 @@ def explain_connect_failure(
             f"could not connect: the server closed the connection during login "
             f"({said(str(cause))}) — {_RETRY}"
         )
+    if isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_NONAME:
+        return ConnectionRejected(said(str(cause)), _UNKNOWN_HOST)
+    if type(cause) is ConnectionError and cause.errno is None and tls is not None:
+        # asyncpg's own "rejected SSL upgrade": the server answered "no TLS" to a URL that
+        # requires it (a bare ConnectionError; every OS-level one is a subclass with errno).
+        return ConnectionRejected(said(str(cause)), _TLS_REFUSED)
     if isinstance(cause, TimeoutError):  # asyncio's too; before OSError, its base class
         return DatabaseUnavailable(
             f"could not connect: no answer within the connect timeout (connect_timeout) — {_RETRY}"
@@ -165,21 +206,27 @@ def explain_connect_failure(
     return None
 
 
-def _driver_error(error: BaseException) -> BaseException | None:
-    """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping.
+def driver_error(error: BaseException) -> BaseException | None:
+    """The error asyncpg, ssl or the OS raised, under any SQLAlchemy wrapping, or None.
 
     SQLAlchemy 2.1 raises its own `AsyncAdapt_asyncpg_dbapi.Error` from asyncpg's (as
-    `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through.
+    `__cause__`), `DBAPIError` keeps it in `.orig`; 2.0 passes asyncpg's error through. When
+    the server or pooler said why before closing the connection (a FATAL error, PgBouncer's
+    `query_wait_timeout` or `server login has been failing`), asyncpg raises
+    `ConnectionDoesNotExistError` from that error: the server's own error is returned.
     """
-    for candidate in _chain(error):
-        if isinstance(candidate, asyncpg.PostgresError | asyncpg.ConnectionDoesNotExistError):
+    for candidate in error_chain(error):
+        if isinstance(candidate, asyncpg.ConnectionDoesNotExistError):
+            said = candidate.__cause__
+            return said if isinstance(said, asyncpg.PostgresError) else candidate
+        if isinstance(candidate, asyncpg.PostgresError):
             return candidate
         if isinstance(candidate, OSError):  # ssl errors and TimeoutError included
             return candidate
     return None
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def error_chain(error: BaseException) -> Iterator[BaseException]:
     """`error`, then what it wraps (`.orig`, `__cause__`, `__context__`), breadth first."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
@@ -198,7 +245,7 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
     if sqlstate == _PROTOCOL_VIOLATION:
         return _pooler_error(reason)
-    if sqlstate.startswith(_AUTH_CLASS):
+    if sqlstate.startswith(AUTH_CLASS):
         advice = _CHECK_LOGIN
         if sqlstate == "28000":  # pg_hba.conf: this user/database/host/TLS combination
             advice = (
@@ -206,7 +253,7 @@ def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
                 "check them in DATABASE_URL, and use sslmode=require if it accepts only TLS"
             )
         return ConnectionRejected(reason, advice, sqlstate=sqlstate)
-    if sqlstate == _UNKNOWN_DATABASE_STATE:
+    if sqlstate == UNKNOWN_DATABASE:
         return ConnectionRejected(reason, _CHECK_DATABASE, sqlstate=sqlstate)
     if sqlstate == _INSUFFICIENT_PRIVILEGE:
         advice = "grant the role CONNECT on the database, or use a role that has it"
@@ -223,17 +270,28 @@ def _server_error(sqlstate: str, reason: str) -> TodoStoreError:
 
 
 def _pooler_error(reason: str) -> TodoStoreError:
+    kind = pooler_message_kind(reason)
+    if kind is not None and kind.rejected:
+        advice = _startup_parameter_advice(reason) if kind is _STARTUP_PARAMETER else kind.advice
+        return ConnectionRejected(reason, advice, sqlstate=_PROTOCOL_VIOLATION)
+    advice = kind.advice if kind is not None else _RETRY
+    return DatabaseUnavailable(
+        f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {advice}"
+    )
+
+
+def pooler_message_kind(reason: str) -> _Kind | None:
+    """The entry of `PGBOUNCER_LOGIN_MESSAGES` a PgBouncer message (SQLSTATE 08P01) matches."""
     for pattern, kind in PGBOUNCER_LOGIN_MESSAGES.items():
         if re.match(pattern, reason):
-            if not kind.rejected:
-                break
-            advice = (
-                _startup_parameter_advice(reason) if kind is _STARTUP_PARAMETER else kind.advice
-            )
-            return ConnectionRejected(reason, advice, sqlstate=_PROTOCOL_VIOLATION)
-    return DatabaseUnavailable(
-        f"could not connect: {reason} (SQLSTATE {_PROTOCOL_VIOLATION}) — {_RETRY}"
-    )
+            return kind
+    return None
+
+
+def pooler_cannot_reach_server(reason: str) -> bool:
+    """Whether a PgBouncer message says the pooler is up but cannot log in to its server
+    (`server login has been failing`): a suspended, restarting or down database."""
+    return pooler_message_kind(reason) is _POOLER_NO_SERVER
 
 
 def _startup_parameter_advice(reason: str) -> str:

@@ -5,7 +5,10 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
 - round trips with caching off: an atomic unit of work of n statements costs 2n + 2 (BEGIN,
   prepare + execute per statement, COMMIT); a non-atomic one (`session(atomic=False)`) 2n;
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
-  all) is replaced at checkout, before any caller code runs, without sending anything;
+  all) is replaced at checkout, before any caller code runs, without sending anything, and
+  only that one: a loss never throws healthy connections away;
+- while connects fail, a process makes at most about one attempt per second (jittered
+  backoff), and callers that need a connection meanwhile get `DatabaseUnavailable` at once;
 - database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,
   `KeyboardInterrupt` and `SystemExit` pass through unchanged, and the connection they
   interrupted is discarded, never returned to the pool in an unknown state.
@@ -18,12 +21,13 @@ import logging
 import random
 import re
 import select
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import event, exc, text
+from sqlalchemy import event, exc, text, util
 from sqlalchemy.engine import URL, Connection, Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -33,8 +37,14 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from todo_store.connect_errors import explain_connect_failure
+from todo_store.connect_errors import (
+    driver_error,
+    error_chain,
+    explain_connect_failure,
+    pooler_cannot_reach_server,
+)
 from todo_store.errors import (
+    DISCONNECT_SQLSTATE_CLASSES,
     CommitOutcomeUnknown,
     DatabaseUnavailable,
     TodoStoreError,
@@ -58,11 +68,16 @@ log = logging.getLogger("todo_store")
 
 T = TypeVar("T")
 
-_DISCONNECT_SQLSTATE_PREFIXES = ("08", "57P")
 _TLS_INTENT = "todo_store_tls_intent"
 _COMMITTING = "todo_store.committing"  # set in Connection.info while a COMMIT is in flight
 _RETRY_FIRST_DELAY_S = 0.02
 _RETRY_MAX_DELAY_S = 1.0
+# Connect backoff while connects fail: the first retry after ~50 ms, doubling, never more than
+# 1 s apart, so the first call after the database is back waits at most ~1 s for its attempt.
+_CONNECT_BACKOFF_FIRST_S = 0.05
+_CONNECT_BACKOFF_MAX_S = 1.0
+# Statements that only read, when sent as text(): their failure never leaves a write behind.
+_READ_KEYWORDS = frozenset({"select", "show", "values", "table", "explain"})
 
 
 def _unnamed_statement() -> str:
@@ -107,7 +122,11 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
     }
     options.update(engine_kwargs)
     engine = create_async_engine(url, **options)
-    add_store_events(engine)
+    add_store_events(
+        engine,
+        first_connect_timeout=settings.connect_timeout,
+        statement_timeout=settings.statement_timeout,
+    )
     answer_first_connect_from_startup(engine.sync_engine.dialect)
     return engine
 
@@ -126,15 +145,25 @@ _LOGGING_NAME = "todo_store"
 logging.getLogger(f"sqlalchemy.engine.Engine.{_LOGGING_NAME}").addFilter(_NoRowLogging())
 
 
-def add_store_events(engine: AsyncEngine) -> None:
-    """Give `engine` the connect, checkout, commit and error handling of this module."""
+def add_store_events(
+    engine: AsyncEngine, *, first_connect_timeout: float = 10.0, statement_timeout: float = 30.0
+) -> None:
+    """Give `engine` the connect, checkout, commit and error handling of this module.
+
+    `first_connect_timeout` bounds the engine's first connection, SQLAlchemy's own first
+    queries included (through a pooler, they are what waits for the server's login).
+    """
     sync_engine = engine.sync_engine
-    event.listen(sync_engine, "do_connect", _connect)
-    if _SOCKET_CHECK_AVAILABLE:
-        event.listen(sync_engine, "checkout", _reject_dead_connection)
+    gate = ConnectGate()
+    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout))
+    event.listen(sync_engine, "checkout", _reject_dead_connection)
+    event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", _forget_commit)
     event.listen(sync_engine, "commit", _mark_commit)
-    event.listen(sync_engine, "handle_error", _raise_typed_error)
+    # A timed-out connection gets this long to close gracefully (its cancel request answered):
+    # 1% of the statement timeout, at least 20 ms, at most 100 ms.
+    close_budget = min(max(statement_timeout * 0.01, 0.02), 0.1)
+    event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
 
 
 def create_sessionmaker(engine: AsyncEngine, **options: Any) -> async_sessionmaker[AsyncSession]:
@@ -148,7 +177,7 @@ _VERSION_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
 
 def answer_first_connect_from_startup(dialect: Dialect) -> None:
-    """Make the engine's first connection cost no round trip beyond the login itself.
+    """Make the engine's first connection cost no round trip for SQLAlchemy's questions.
 
     SQLAlchemy's first connect asks the server four questions (`select version()`,
     `select current_schema()`, `show transaction isolation level`, `show
@@ -213,33 +242,135 @@ def _reported(connection: Connection, name: str) -> str | None:
 # -- connect --------------------------------------------------------------------------------
 
 
-def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-    """Open a connection; a failure becomes `ConnectionRejected` (no retry can fix it) or
-    `DatabaseUnavailable` (transient), with the server's reason and what to do.
+class ConnectGate:
+    """While connects fail, a process makes a bounded number of attempts (one per engine).
+
+    After a failed attempt (refused, timed out, or a pooler that cannot reach its server) the
+    next one waits a jittered, doubling delay (50 ms up to 1 s); callers that need a new
+    connection before then fail at once with `DatabaseUnavailable`, saying why and when the
+    next attempt is, instead of each opening a login of its own. A connection that comes back
+    to the pool healthy, or a connect that succeeds, opens the gate again.
+    """
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self._next_attempt = 0.0
+        self._reason = ""
+        self._attempt_in_flight = False
+
+    def enter(self) -> None:
+        """Raise `DatabaseUnavailable` if no attempt may be made now; else mark one in flight."""
+        if self.failures:
+            wait = self._next_attempt - time.monotonic()
+            if wait > 0 or self._attempt_in_flight:
+                raise DatabaseUnavailable(
+                    f"not connecting yet: the last {self.failures} connect attempt(s) failed, "
+                    f"next attempt in {max(wait, 0.0):.2f} s; last failure: {self._reason}"
+                )
+        self._attempt_in_flight = True
+
+    def failed(self, reason: str) -> None:
+        self._attempt_in_flight = False
+        delay = min(_CONNECT_BACKOFF_FIRST_S * 2**self.failures, _CONNECT_BACKOFF_MAX_S)
+        # Jitter, not security: spreads the processes of a fleet apart.
+        delay = random.uniform(delay / 2, delay)  # noqa: S311
+        self.failures += 1
+        self._next_attempt = time.monotonic() + delay
+        self._reason = reason
+        log.warning(
+            "database connect failed; next attempt in %.2f s",
+            delay,
+            extra={
+                "todo_store_event": "connect_failed",
+                "failures_in_a_row": self.failures,
+                "retry_in_s": round(delay, 3),
+                "reason": reason,
+            },
+        )
+
+    def connected(self) -> None:
+        self._attempt_in_flight = False
+
+    def database_answered(self, dbapi_connection: Any, _record: Any = None) -> None:
+        """A connection came back healthy (pool checkin): the database is reachable."""
+        if self.failures and dbapi_connection is not None:
+            log.info(
+                "database reachable again after %d failed connect(s)",
+                self.failures,
+                extra={"todo_store_event": "connect_recovered", "failures": self.failures},
+            )
+            self.failures = 0
+
+
+class _Connector:
+    """The engine's `do_connect`: open a connection through the `ConnectGate`; a failure
+    becomes `ConnectionRejected` (no retry can fix it) or `DatabaseUnavailable` (transient),
+    with the server's or pooler's reason and what to do.
 
     SQLAlchemy passes connect errors through untranslated, so `handle_error` never sees them.
+    The engine's first connection is also checked with one round trip within the connect
+    timeout: through a pooler that still accepts logins while its server is down, that is
+    where the wait for the server happens (SQLAlchemy's own first queries would otherwise wait
+    the statement timeout).
     """
-    tls = cparams.pop(_TLS_INTENT, None)
-    try:
-        return dialect.loaded_dbapi.connect(*cargs, **cparams)
-    except Exception as error:
-        explained = explain_connect_failure(error, tls=tls, password=cparams.get("password"))
-        if explained is None:
+
+    def __init__(self, gate: ConnectGate, first_connect_timeout: float) -> None:
+        self.gate = gate
+        self.first_connect_timeout = first_connect_timeout
+        self.first_done = False
+
+    def __call__(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        tls = cparams.pop(_TLS_INTENT, None)
+        self.gate.enter()
+        started = time.monotonic()
+        try:
+            connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+            if not self.first_done:
+                remaining = self.first_connect_timeout - (time.monotonic() - started)
+                self._first_round_trip(connection, max(remaining, 0.001))
+        except _FirstQueryTimedOut as error:
+            self.gate.failed(str(error))
+            raise DatabaseUnavailable(str(error)) from None
+        except Exception as error:
+            explained = explain_connect_failure(error, tls=tls, password=cparams.get("password"))
+            if explained is None:
+                self.gate.connected()
+                raise
+            if isinstance(explained, DatabaseUnavailable):
+                self.gate.failed(str(explained))
+            else:
+                self.gate.connected()
+            raise explained from error
+        except BaseException:
+            self.gate.connected()
             raise
-        raise explained from error
+        self.first_done = True
+        self.gate.connected()
+        return connection
+
+    @staticmethod
+    def _first_round_trip(connection: Any, timeout: float) -> None:
+        driver = connection.driver_connection
+        try:
+            util.await_only(driver.execute("SELECT 1", timeout=timeout))
+        except TimeoutError:
+            driver.terminate()
+            raise _FirstQueryTimedOut() from None
+        except BaseException:
+            driver.terminate()
+            raise
+
+
+class _FirstQueryTimedOut(DatabaseUnavailable):
+    def __init__(self) -> None:
+        super().__init__(
+            "could not connect: the login was accepted but the first query got no answer within "
+            "the connect timeout (connect_timeout); through a pooler, its database server may be "
+            "suspended, starting or down, or every server connection busy — retry later"
+        )
 
 
 # -- checkout: dead connections are found without a round trip -----------------------------
-
-# The check reads asyncpg's transport, a private attribute: verified once, here. Without it
-# the check is skipped (documented fallback): a connection that died while pooled then fails
-# its first statement with `DatabaseUnavailable`, and the pool replaces every older one.
-_SOCKET_CHECK_AVAILABLE = hasattr(asyncpg.Connection, "_transport")
-if not _SOCKET_CHECK_AVAILABLE:  # pragma: no cover - depends on the installed asyncpg
-    log.warning(
-        "this asyncpg has no Connection._transport: dead pooled connections are found at "
-        "their first statement instead of at checkout"
-    )
 
 
 def _reject_dead_connection(
@@ -250,16 +381,23 @@ def _reject_dead_connection(
     A pooler restart or a compute suspend closes every connection: the FIN (often after a
     FATAL message) is already in the kernel's buffer, though asyncpg has not read it yet.
     An idle connection never has anything to read, so readable means closed or closing.
-    `InvalidatePoolError` makes the pool retry with a fresh connection and mark every older
-    one stale.
+    `DisconnectionError` makes the pool discard this one connection and retry with the next
+    (or a new one); the other pooled connections are each checked the same way when their
+    turn comes, so a healthy one is never thrown away.
     """
     driver = dbapi_connection.driver_connection
     if driver.is_closed() or _has_unread_input(driver):
-        raise exc.InvalidatePoolError("the server closed this pooled connection")
+        log.info(
+            "a pooled database connection was closed by the server; replacing it",
+            extra={"todo_store_event": "connection_replaced", "found": "checkout"},
+        )
+        raise exc.DisconnectionError("the server closed this pooled connection")
 
 
 def _has_unread_input(driver: asyncpg.Connection) -> bool:
-    transport = getattr(driver, "_transport", None)  # private: verified at import, see above
+    """Whether the socket has bytes asyncpg has not read. Reads asyncpg's private transport;
+    where an asyncpg lacks it, only the public `is_closed()` check above remains."""
+    transport = getattr(driver, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         return False
@@ -289,79 +427,178 @@ def _forget_commit(conn: Connection) -> None:
 
 
 def _driver_error(error: BaseException) -> BaseException:
-    """The asyncpg exception behind SQLAlchemy's adapter error (`orig` in 2.1, the cause
-    in 2.0), or the error itself."""
-    return getattr(error, "orig", None) or error.__cause__ or error
+    return driver_error(error) or error
 
 
 def _is_disconnect(error: BaseException) -> bool:
-    driver_error = _driver_error(error)
-    if is_connection_loss(error) or is_connection_loss(driver_error):
+    found = _driver_error(error)
+    if is_connection_loss(error) or is_connection_loss(found):
         return True
-    if isinstance(driver_error, asyncpg.exceptions.ConnectionDoesNotExistError):
+    if any(isinstance(e, asyncpg.ConnectionDoesNotExistError) for e in error_chain(error)):
         return True
-    sqlstate = getattr(error, "sqlstate", None) or getattr(driver_error, "sqlstate", None) or ""
-    return sqlstate.startswith(_DISCONNECT_SQLSTATE_PREFIXES)
+    if isinstance(found, asyncpg.InterfaceError) and "closed" in str(found):
+        return True  # asyncpg's "connection is closed": its own fixed text, not the server's
+    sqlstate = getattr(found, "sqlstate", None) or ""
+    return sqlstate.startswith(DISCONNECT_SQLSTATE_CLASSES)
+
+
+def _connection_info(context: ExceptionContext) -> dict[Any, Any] | None:
+    """The failed Connection's `info`, or None where there is none: SQLAlchemy's first-connect
+    queries run on an ad hoc connection whose `info` raises."""
+    conn = context.connection
+    if conn is None:
+        return None
+    try:
+        return conn.info
+    except (NotImplementedError, AttributeError, exc.SQLAlchemyError):
+        return None
 
 
 def _outcome_unknown(context: ExceptionContext) -> bool:
-    """True when the failed operation may have committed: a COMMIT, or a write that commits
-    by itself (autocommit)."""
-    conn = context.connection
-    if conn is None:
+    """True when the failed operation may have committed: a COMMIT, or a statement that may
+    write and commits by itself (autocommit). A read never has an unknown outcome."""
+    info = _connection_info(context)
+    if info is None:
         return False
-    if conn.info.get(_COMMITTING):
+    if info.get(_COMMITTING):
         return True
+    conn = context.connection
     execution = context.execution_context
-    # The execution option, not get_isolation_level(): that would query the server.
-    autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-    if execution is None or not autocommit:
+    if conn is None or execution is None:
         return False
+    # The execution option, not get_isolation_level(): that would query the server.
+    if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        return False
+    return not _is_read(execution)
+
+
+def _is_read(execution: Any) -> bool:
     compiled = execution.compiled
-    is_read = compiled is not None and bool(getattr(compiled.statement, "is_select", False))
-    return not is_read
+    statement = getattr(compiled, "statement", None)
+    if statement is not None and getattr(statement, "is_select", False):
+        return True
+    if execution.isinsert or execution.isupdate or execution.isdelete or execution.isddl:
+        return False
+    words = (getattr(execution, "statement", None) or "").split(None, 1)
+    return bool(words) and words[0].lower() in _READ_KEYWORDS
 
 
-def _raise_typed_error(context: ExceptionContext) -> None:
-    """Replace every driver error with the package's own (see `errors.translate`)."""
-    error = context.original_exception
-    if not isinstance(error, Exception):
-        # CancelledError, KeyboardInterrupt, SystemExit: never converted. SQLAlchemy treats
-        # them as a disconnect, so the interrupted connection is discarded, not pooled.
-        return
-    if isinstance(error, TodoStoreError):
-        return
-    timed_out = isinstance(error, TimeoutError) or isinstance(_driver_error(error), TimeoutError)
-    if timed_out or context.is_disconnect or _is_disconnect(error):
+def _strip_details(error: BaseException) -> None:
+    """Remove the server's DETAIL (e.g. `Key (email)=(…)`, `Failing row contains (…)`) from
+    every exception in the chain a caller will see: it quotes the row's values."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, asyncpg.PostgresError):
+            current.detail = None
+            current.hint = None
+        elif isinstance(current, Exception) and current.args and isinstance(current.args[0], str):
+            first_line = current.args[0].split("\n", 1)[0]
+            current.args = (first_line, *current.args[1:])
+        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
+
+
+class _ErrorHook:
+    """`handle_error`: replace every driver error with the package's own (`errors.translate`).
+
+    `CancelledError`, `KeyboardInterrupt` and `SystemExit` are never converted (SQLAlchemy
+    treats them as a disconnect, so the interrupted connection is discarded, not pooled). The
+    errors of a `pool_pre_ping` are left to SQLAlchemy, which reconnects.
+    """
+
+    def __init__(self, gate: ConnectGate, close_budget: float) -> None:
+        self.gate = gate
+        self.close_budget = close_budget
+
+    def _close_timed_out(self, context: ExceptionContext) -> None:
+        """Close a timed-out connection within `close_budget`, then drop it.
+
+        asyncpg has already asked the server to cancel the statement; a graceful close waits
+        for that cancel to be answered, which a pooler holding the statement in its queue may
+        never do (SQLAlchemy would wait 2 s more). So the close is bounded, and the timeout
+        the caller set is the time the caller waits.
+        """
+        proxied = context.connection.connection if context.connection is not None else None
+        driver = getattr(proxied, "driver_connection", None)
+        if not isinstance(driver, asyncpg.Connection) or driver.is_closed():
+            return
+        util.await_only(_close_within(driver, self.close_budget))
+
+    def __call__(self, context: ExceptionContext) -> None:
+        error = context.original_exception
+        if not isinstance(error, Exception) or context.is_pre_ping:
+            return
+        if isinstance(error, TodoStoreError):
+            return
+        timed_out = isinstance(error, TimeoutError) or isinstance(
+            _driver_error(error), TimeoutError
+        )
+        if timed_out or context.is_disconnect or _is_disconnect(error):
+            self._connection_failed(context, error, timed_out=timed_out)
+        sqlstate = getattr(error, "sqlstate", None)
+        if sqlstate is None:
+            return  # not a server error (e.g. a programming error in SQLAlchemy usage)
+        found = _driver_error(error)
+        _strip_details(error)
+        raise translate(sqlstate, constraint=getattr(found, "constraint_name", None))
+
+    def _connection_failed(
+        self, context: ExceptionContext, error: Exception, *, timed_out: bool
+    ) -> None:
         unknown = _outcome_unknown(context)
-        # A timed-out or broken connection is in an unknown state: discard it. Only a real
-        # loss says anything about the other pooled connections (a restart kills them all).
+        # A timed-out or broken connection is in an unknown state: discard it, and only it:
+        # the others are each checked at their next checkout, at no cost.
         context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = not timed_out
+        context.invalidate_pool_on_disconnect = False
+        reason = "timed out" if timed_out else _reason(error)
+        event_extra = {"todo_store_event": "connection_lost", "reason": reason}
         if unknown:
+            log.error(
+                "commit outcome unknown: the connection failed while a write was committing",
+                extra={**event_extra, "todo_store_event": "commit_outcome_unknown"},
+            )
             raise CommitOutcomeUnknown(
                 "the connection "
-                + ("timed out" if timed_out else "was lost")
+                + ("timed out" if timed_out else f"was lost ({reason})")
                 + " while a write was committing: it may or may not have been applied"
             )
         if timed_out:
+            self._close_timed_out(context)
+            log.warning("database statement timed out; connection discarded", extra=event_extra)
             raise DatabaseUnavailable(
                 "timed out waiting for the database (statement timeout, or a busy pooler); "
                 "nothing was committed"
             )
-        raise DatabaseUnavailable(f"the database connection was lost: {_reason(error)}")
-    sqlstate = getattr(error, "sqlstate", None)
-    if sqlstate is None:
-        return  # not a server error (e.g. a programming error in SQLAlchemy usage)
-    driver_error = _driver_error(error)
-    raise translate(sqlstate, constraint=getattr(driver_error, "constraint_name", None))
+        log.warning("database connection lost; connection discarded", extra=event_extra)
+        found = _driver_error(error)
+        if isinstance(found, asyncpg.PostgresError) and pooler_cannot_reach_server(
+            getattr(found, "message", "") or ""
+        ):
+            self.gate.failed(f"the pooler cannot reach the database server: {reason}")
+        raise DatabaseUnavailable(f"the database connection was lost: {reason}")
+
+
+async def _close_within(driver: asyncpg.Connection, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(driver.close(), seconds)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        driver.terminate()
 
 
 def _reason(error: BaseException) -> str:
-    """A short, parameter-free reason: the driver error's type and server message."""
-    driver_error = _driver_error(error)
-    message = getattr(driver_error, "message", None) or ""
-    name = type(driver_error).__name__
+    """A short, parameter-free reason: the server's or pooler's own words where it sent any
+    (with the SQLSTATE), else the driver error's type."""
+    found = _driver_error(error)
+    message = getattr(found, "message", None) or (found.args[0] if found.args else "")
+    message = message if isinstance(message, str) else ""
+    sqlstate = getattr(found, "sqlstate", None)
+    if message and sqlstate:
+        return f"{' '.join(message.split())} (SQLSTATE {sqlstate})"
+    name = type(found).__name__
     return f"{name}: {message}" if message else name
 
 
@@ -434,21 +671,25 @@ class TodoStore:
             raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
         if after is not None and not read_only:
             raise ValueError("after= needs read_only=True (writes always go to the primary)")
-        if not atomic:
-            # No transaction to begin or commit: only ORM changes of the caller's own, if any,
-            # are flushed (each statement commits by itself). Closing returns the connection.
-            async with self._non_atomic() as session:
+        try:
+            if not atomic:
+                # No transaction to begin or commit: only ORM changes of the caller's own, if
+                # any, are flushed (each statement commits by itself). Closing returns the
+                # connection.
+                async with self._non_atomic() as session:
+                    yield session
+                    if session.new or session.dirty or session.deleted:
+                        await session.flush()
+                return
+            if read_only:
+                async with self.replicas.read_unit(after) as session:
+                    yield session
+                return
+            # Closing without a commit rolls back, so the block that raises leaves nothing.
+            async with write_unit(self.sessionmaker, self.replicas.learn) as session:
                 yield session
-                if session.new or session.dirty or session.deleted:
-                    await session.flush()
-            return
-        if read_only:
-            async with self.replicas.read_unit(after) as session:
-                yield session
-            return
-        # Closing without a commit rolls back, so the block that raises leaves nothing.
-        async with write_unit(self.sessionmaker, self.replicas.learn) as session:
-            yield session
+        except exc.TimeoutError:  # only the pool raises SQLAlchemy's TimeoutError
+            raise self._pool_exhausted() from None
 
     async def run(
         self,
@@ -476,9 +717,18 @@ class TodoStore:
                 async with self.session(read_only=read_only, after=after) as session:
                     on_replica = ran_on_replica(session)
                     return await work(session)
-            except TransactionConflict:
+            except TransactionConflict as conflict:
                 if attempt == attempts:
                     raise
+                log.info(
+                    "unit of work conflicted; running it again",
+                    extra={
+                        "todo_store_event": "unit_retried",
+                        "attempt": attempt,
+                        "attempts": attempts,
+                        "sqlstate": conflict.sqlstate,
+                    },
+                )
             except DatabaseUnavailable:
                 if not on_replica or attempt == attempts:
                     raise
@@ -490,8 +740,29 @@ class TodoStore:
 
     async def ping(self) -> None:
         """Round-trip to the database; raises `DatabaseUnavailable` if it cannot."""
-        async with self._autocommit_engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        try:
+            async with self._autocommit_engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except exc.TimeoutError:
+            raise self._pool_exhausted() from None
+
+    def _pool_exhausted(self) -> DatabaseUnavailable:
+        settings = self.settings
+        limit = settings.pool_size + settings.max_overflow
+        log.warning(
+            "connection pool exhausted",
+            extra={
+                "todo_store_event": "pool_exhausted",
+                "connections": limit,
+                "pool_timeout_s": settings.pool_timeout,
+            },
+        )
+        return DatabaseUnavailable(
+            f"all {limit} of this process's database connections (POOL_SIZE "
+            f"{settings.pool_size} + MAX_OVERFLOW {settings.max_overflow}) were busy for "
+            f"POOL_TIMEOUT ({settings.pool_timeout:g} s): the database was not asked; finish "
+            "units of work sooner, or raise POOL_SIZE within the server's or pooler's limits"
+        )
 
     async def warm(self, n: int) -> None:
         """Open n connections at once, ahead of the first request (and n to each replica).

@@ -18,6 +18,7 @@ What a caller can do with each error:
 | `DatabaseUnavailable` | lost, refused or timed-out connection, pooler queue full | reads |
 | `CommitOutcomeUnknown` | failed while committing: the write may have happened | not blindly |
 | `ConnectionRejected` | login refused: password, role, database, TLS, parameter | fix config |
+| `ReadOnlyViolation` | a write in `session(read_only=True)` | no: use a writing unit |
 | `DatabaseError` | anything else, with `.sqlstate` | no |
 """
 
@@ -50,11 +51,14 @@ class RowNotFound(NotFoundError):
 
 
 class UserNotFound(NotFoundError):
+    """No such user. The message names the user id when one was looked up, never an email
+    (`.email` keeps the address for the caller's own code)."""
+
     def __init__(self, user_id: str | None = None, *, email: str | None = None) -> None:
         if user_id is not None:
             what = f"user {user_id!r}"
         elif email is not None:
-            what = f"user with email {email!r}"
+            what = "the user with this email"
         else:
             what = "the owning user"
         super().__init__(f"{what} not found")
@@ -134,6 +138,18 @@ class DatabaseUnavailable(TodoStoreError):
     """
 
 
+class ReadOnlyViolation(TodoStoreError):
+    """A write was attempted in a read-only unit of work (`session(read_only=True)`);
+    nothing was written. Run the write in `store.session()` instead."""
+
+    def __init__(self, sqlstate: str = "25006") -> None:
+        super().__init__(
+            "the unit of work is read-only (session(read_only=True)): nothing was written; "
+            f"run writes in store.session() (SQLSTATE {sqlstate})"
+        )
+        self.sqlstate = sqlstate
+
+
 class CommitOutcomeUnknown(TodoStoreError):
     """The connection failed or timed out while a write was committing: it may or may not
     have been applied. The package never retries it; check before doing it again."""
@@ -166,12 +182,14 @@ _SCHEMA_MISSING = {"42P01", "42703", "3F000"}  # undefined table, column, schema
 _SERIALIZATION_FAILURE = "40001"
 _DEADLOCK = "40P01"
 _QUERY_CANCELED = "57014"  # statement timeout / cancel request
-_TRANSIENT_CLASSES = ("08", "57P")  # connection exception, operator intervention (shutdown)
+_READ_ONLY_TRANSACTION = "25006"
+# Connection exception (08) and operator intervention: shutdown, crash, cannot connect now
+# (57P01-57P03). The one definition of "the connection is gone" by SQLSTATE.
+DISCONNECT_SQLSTATE_CLASSES = ("08", "57P")
 _TOO_MANY_CONNECTIONS = "53300"
 _RESOURCES_CLASS = "53"  # disk full, out of memory: retrying does not help
-_AUTH_CLASS = "28"  # invalid authorization: wrong user or password
-_UNKNOWN_DATABASE = "3D000"
-REJECTED_LOGIN = frozenset({"28000", "28P01", _UNKNOWN_DATABASE})
+AUTH_CLASS = "28"  # invalid authorization: wrong user or password, pg_hba.conf refusal
+UNKNOWN_DATABASE = "3D000"
 
 OWNER_KEYS: set[str] = {"fk_tasks_user_id_users"}
 """Foreign keys from a table's owner column to `users.id`, ON DELETE CASCADE (so only a write
@@ -195,17 +213,19 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
         return SchemaNotReady(sqlstate)
     if sqlstate in (_SERIALIZATION_FAILURE, _DEADLOCK):
         return TransactionConflict(sqlstate)
+    if sqlstate == _READ_ONLY_TRANSACTION:
+        return ReadOnlyViolation(sqlstate)
     if sqlstate == _QUERY_CANCELED:
         return DatabaseUnavailable("statement cancelled (statement timeout or cancel request)")
     if sqlstate == _TOO_MANY_CONNECTIONS:
         return DatabaseUnavailable(f"the server has too many connections (SQLSTATE {sqlstate})")
     if sqlstate is None:
         return DatabaseError(sqlstate)
-    if sqlstate.startswith(_TRANSIENT_CLASSES):
+    if sqlstate.startswith(DISCONNECT_SQLSTATE_CLASSES):
         return DatabaseUnavailable(f"database unavailable (SQLSTATE {sqlstate})")
     if sqlstate.startswith(_RESOURCES_CLASS):
         return DatabaseError(sqlstate, "the server is out of resources (disk or memory)")
-    if sqlstate.startswith(_AUTH_CLASS):
+    if sqlstate.startswith(AUTH_CLASS):
         return DatabaseError(sqlstate, "authentication failed: check the user and password")
     return DatabaseError(sqlstate)
 

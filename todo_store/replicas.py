@@ -44,7 +44,7 @@ from typing import Any, NewType
 
 import asyncpg
 from pydantic import SecretStr
-from sqlalchemy import column, event, text
+from sqlalchemy import column, event, exc, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -611,6 +611,9 @@ class ReplicaSet:
         session.info[_REPLICA] = replica.name
         try:
             connection = await session.connection()
+        except exc.TimeoutError:  # its pool is exhausted: this read goes to the primary
+            await session.close()
+            return None
         except (TodoStoreError, OSError) as error:
             await session.close()
             replica.mark_down(_reason(error))
