@@ -316,7 +316,7 @@ async def test_tokens_cost_no_round_trip(path: Path, migrated: ReplicaCluster) -
                     await TaskRepo(session).count_for(user_id)
             assert (primary.round_trips, replica.round_trips) == (4, 0)
 
-            replica_set = store.replicas
+            replica_set = store.read_router
             await _wait_for(
                 lambda: _checked_past(replica_set.replicas[0], store, token),
                 "the replica replays the write",
@@ -330,7 +330,8 @@ async def test_tokens_cost_no_round_trip(path: Path, migrated: ReplicaCluster) -
 
 
 async def _checked_past(replica: Replica, store: TodoStore, token: str) -> bool:
-    await replica.check(store.replicas.primary_system_identifier, store.replicas.max_lag)
+    router = store.read_router
+    await replica.check(router.primary_system_identifier, router.max_lag)
     status = replica.status
     return status is not None and (status.replay_lsn or 0) >= Position.from_token(token).lsn
 

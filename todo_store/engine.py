@@ -632,13 +632,15 @@ class TodoStore:
         self._read_only = create_sessionmaker(
             self.engine.execution_options(postgresql_readonly=True)
         )
-        self.replicas = ReplicaSet(
+        self.read_router = ReplicaSet(
             self.settings,
             primary=self.engine,
             primary_read_only=self._read_only,
             engines=lambda settings: create_engine(settings, **engine_kwargs),
             sessions=create_sessionmaker,
         )
+        # Each with its `engine` (instrumentation finds the engines a store holds this way).
+        self.replicas = self.read_router.replicas
 
     @classmethod
     def from_env(cls) -> TodoStore:
@@ -682,11 +684,11 @@ class TodoStore:
                         await session.flush()
                 return
             if read_only:
-                async with self.replicas.read_unit(after) as session:
+                async with self.read_router.read_unit(after) as session:
                     yield session
                 return
             # Closing without a commit rolls back, so the block that raises leaves nothing.
-            async with write_unit(self.sessionmaker, self.replicas.learn) as session:
+            async with write_unit(self.sessionmaker, self.read_router.learn) as session:
                 yield session
         except exc.TimeoutError:  # only the pool raises SQLAlchemy's TimeoutError
             raise self._pool_exhausted() from None
@@ -774,11 +776,11 @@ class TodoStore:
         """
         if not 1 <= n <= self.settings.pool_size:
             raise ValueError(f"n: expected 1 to POOL_SIZE ({self.settings.pool_size}), got {n}")
-        await asyncio.gather(open_connections(self.engine, n), self.replicas.warm(n))
+        await asyncio.gather(open_connections(self.engine, n), self.read_router.warm(n))
 
     async def dispose(self) -> None:
         """Close every pooled connection (the replicas' too)."""
-        await self.replicas.dispose()
+        await self.read_router.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> TodoStore:
