@@ -1,10 +1,10 @@
-"""`python -m benchmarks [--quick] [--only comparison]`: run the benchmarks, write the report.
+"""`python -m benchmarks [--quick] [--only comparison|pages]`: run the benchmarks, write the report.
 
 Needs only what the tests need: a PostgreSQL from `TODO_STORE_TEST_DATABASE_URL` (else Docker,
 else an embedded one) and the `pgbouncer` binary (or Docker); the peer comparison also uses
 advanced-alchemy and matplotlib when installed (`nox -s bench` installs both). Everything it
 creates (databases, PgBouncer processes, proxies) is removed at the end. A full run takes
-about 15 minutes on 2 cores.
+about 17 minutes on 2 cores (`--only pages`: under 2).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from benchmarks.chart import draw
 from benchmarks.comparison import RAW, TODO_STORE, TODO_STORE_NON_ATOMIC, TUTORIAL, compare
 from benchmarks.comparison import Plan as ComparisonPlan
 from benchmarks.leak import measure_leaks, statement_cache_on_old_pgbouncer
+from benchmarks.pages import measure_pages
 from benchmarks.peers import HOT_CALLS
 from benchmarks.report import Results, render
 from benchmarks.round_trips import DIRECT, PathResult, measure_all_paths
@@ -43,13 +44,17 @@ class Plan:
     comparison: ComparisonPlan
     scaling_sizes: list[int]
     scaling_samples: int
+    pages_sizes: list[int]
+    pages_samples: int
 
 
-FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51)
+FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51, [10**4, 10**5, 10**6], 51)
 QUICK = Plan(
     2,
     300,
     ComparisonPlan(users=50, tasks_per_user=50, rounds=2, seconds=0.4, warmup_seconds=0.1),
+    [10**4, 10**5],
+    11,
     [10**4, 10**5],
     11,
 )
@@ -64,7 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file")
     parser.add_argument(
         "--only",
-        choices=["comparison"],
+        choices=["comparison", "pages"],
         help="run only this part (the report then holds only it)",
     )
     return parser.parse_args(argv)
@@ -79,11 +84,13 @@ async def run(args: argparse.Namespace, command: str) -> Results:
     cache_check = None
     leaks = []
     scaling = []
+    pages = []
+    comparison = None
     async with environment.server() as server:
         async with environment.database(server, "main") as db:
             with db.bouncer() as bouncer:
                 versions = await environment.versions(db, bouncer)
-                mismatches = await _raw_sql_mismatches(db)
+                mismatches = await _raw_sql_mismatches(db) if args.only != "pages" else []
             if everything:
                 measured = await measure_all_paths(db, rtt=rtt, iterations=plan.iterations)
                 paths, skipped = measured.paths, measured.skipped
@@ -95,15 +102,25 @@ async def run(args: argparse.Namespace, command: str) -> Results:
                 leaks = await measure_leaks(
                     db, transactions=plan.leak_transactions, concurrency=LEAK_CONCURRENCY
                 )
-        async with environment.database(server, "comparison") as comparison_db:
-            comparison = await compare(comparison_db, plan.comparison)
+        if args.only in (None, "comparison"):
+            async with environment.database(server, "comparison") as comparison_db:
+                comparison = await compare(comparison_db, plan.comparison)
         if everything:
             async with environment.database(server, "scaling") as scaling_db:
                 scaling = await measure_scaling(
                     scaling_db, sizes=plan.scaling_sizes, samples=plan.scaling_samples
                 )
+        if args.only in (None, "pages"):
+            async with environment.database(server, "pages") as pages_db:
+                pages = await measure_pages(
+                    pages_db, sizes=plan.pages_sizes, samples=plan.pages_samples
+                )
     chart = args.output.with_suffix(".png")
-    why_not = draw(comparison, chart_round_trips(paths), chart)
+    why_not = (
+        draw(comparison, chart_round_trips(paths), chart)
+        if comparison is not None
+        else "no comparison in this run"
+    )
     return Results(
         command=command,
         quick=args.quick,
@@ -121,6 +138,8 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         chart_drawn=why_not is None,
         scaling=scaling,
         scaling_samples=plan.scaling_samples,
+        pages=pages,
+        pages_samples=plan.pages_samples,
     )
 
 

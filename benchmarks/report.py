@@ -18,6 +18,15 @@ from benchmarks.comparison import (
 )
 from benchmarks.environment import Versions
 from benchmarks.leak import CacheCheck, LeakResult
+from benchmarks.pages import (
+    DEEP_PAGE,
+    FULL_PLANS_OF,
+    PAGE_SIZE,
+    SEARCHES,
+    SORTS,
+    WORST_CASE,
+    PagesRow,
+)
 from benchmarks.peers import HOT_CALLS
 from benchmarks.round_trips import DIRECT, PathResult, cell_text, chart_data, render_chart_rows
 from benchmarks.scaling import CALLED, USERS, ScalingRow
@@ -37,11 +46,13 @@ class Results:
     cache_check: CacheCheck | None
     leaks: list[LeakResult]
     leak_concurrency: int
-    comparison: Comparison
+    comparison: Comparison | None  # None when only another part ran
     chart: str  # file name next to the report, or why there is none
     chart_drawn: bool
     scaling: list[ScalingRow]
     scaling_samples: int
+    pages: list[PagesRow]
+    pages_samples: int
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -74,8 +85,9 @@ def render(results: Results) -> str:
         "",
         _round_trips(results) if results.paths else "",
         _leaks(results) if results.leaks else "",
-        _comparison(results),
+        _comparison(results) if results.comparison is not None else "",
         _scaling(results) if results.scaling else "",
+        _pages(results) if results.pages else "",
     ]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -238,6 +250,7 @@ def _spread(s: Spread, fmt: str = ",.0f") -> str:
 
 def _comparison(results: Results) -> str:
     c = results.comparison
+    assert c is not None
     plan = c.plan
     labels = c.labels
     out = [
@@ -365,5 +378,65 @@ def _scaling(results: Results) -> str:
             "",
             table(header, rows),
             "",
+        ]
+    )
+
+
+def _pages(results: Results) -> str:
+    sizes = results.pages
+    header = ["query", *(f"{r.tasks:,} tasks / user {r.user_tasks:,}" for r in sizes)]
+
+    def cell(row: PagesRow, label: str) -> str:
+        c = next(c for c in row.cells if c.label == label)
+        return f"{c.median_ms:.2f} ms · {c.execution_ms:.3f} ms · {c.buffers}"
+
+    labels = [f"{s} p{n}" for s in SORTS for n in (1, DEEP_PAGE)] + [*SEARCHES, *WORST_CASE]
+    rows = [[f"`{label}`", *(cell(r, label) for r in sizes)] for label in labels]
+    plan_rows = [
+        [f"`{label}`", *(next(c.plan for c in r.cells if c.label == label) for r in sizes)]
+        for label in labels
+    ]
+    verdicts = []
+    for r in sizes:
+        by = {c.label: c for c in r.cells}
+        deep = max(by[f"{s} p{DEEP_PAGE}"].median_ms / by[f"{s} p1"].median_ms for s in SORTS)
+        deep_buffers = max(by[f"{s} p{DEEP_PAGE}"].buffers - by[f"{s} p1"].buffers for s in SORTS)
+        search = max(by[label].median_ms for label in SEARCHES) / by["-created p1"].median_ms
+        worst = max(by[label].median_ms for label in WORST_CASE) / by["-created p1"].median_ms
+        verdicts.append(
+            f"- {r.tasks:,} tasks: page {DEEP_PAGE} against page 1, over the sorts: at most "
+            f"{deep:.2f} times the latency, at most {deep_buffers:+d} buffers; the slower "
+            f"search against a plain page 1: {search:.2f} times; trigram index: "
+            f"{'yes' if r.trigram_index else 'no (pg_trgm not available)'}; the worst case "
+            f"against a plain page 1: {worst:.0f} times; load "
+            f"{r.load_seconds:.0f} s."
+        )
+    largest = sizes[-1]
+    full_plans = []
+    for label in FULL_PLANS_OF:
+        c = next(c for c in largest.cells if c.label == label)
+        full_plans += [f"`{label}` at {largest.tasks:,} tasks:", "", "```", c.full_plan, "```", ""]
+    return "\n".join(
+        [
+            "## 5. Pages: `TaskRepo.page` at 10^4 to 10^6 tasks",
+            "",
+            f"One user holds a tenth of the table; pages of {PAGE_SIZE} (so page {DEEP_PAGE} "
+            "exists for the smallest user too); searches are newest first, page 1, for a word "
+            "in 0.1 % and one in 50 % of the user's tasks, and the known worst case: a word "
+            "none of the user's tasks has but an eighth of the others' do. Each cell: median "
+            f"latency of {results.pages_samples} single-call units of work "
+            "(`session(atomic=False)`, direct, no injected latency) · the server's execution "
+            "time · shared buffers touched, both from `EXPLAIN (ANALYZE, BUFFERS)` of the SQL "
+            "and parameters the repository sent.",
+            "",
+            table(header, rows),
+            "",
+            *verdicts,
+            "",
+            "Plans (outermost node first):",
+            "",
+            table(header, plan_rows),
+            "",
+            *full_plans,
         ]
     )

@@ -130,13 +130,12 @@ async def test_migrate_doctor_and_demo_follow_the_applications_revisions(
 ) -> None:
     app = tmp_path / "app"
     ini = make_app(app)
-    package_head = migrations.head_revision()
+    package = [s.revision for s in migrations.script_directory().walk_revisions()][::-1]
 
     run = await todo_store(app, "migrate", database_url=empty_database)
     assert run.returncode == 0, run.stdout + run.stderr
     applied = [line.split(":")[0] for line in run.lines if line.startswith("applied ")]
-    assert applied[0] == "applied 0001"
-    assert applied[-2:] == [f"applied {package_head}", f"applied {APP_REVISION}"]
+    assert applied == [f"applied {revision}" for revision in [*package, APP_REVISION]]
     assert f"applied {APP_REVISION}: Tasks get a priority (0: none)." in run.lines
     assert run.lines[-1] == f"at head {APP_REVISION}"
     assert await _priority_column(empty_database) == "smallint"

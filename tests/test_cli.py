@@ -240,6 +240,8 @@ async def test_migrate_says_what_it_applied(empty_database: str, tmp_path: Path)
         " todo_store_set_updated_at().",
         "applied 0003: Tasks carry a version that every change increments: edits can say which"
         " one they saw.",
+        "applied 0005: Indexes for pages of tasks: one per sort, and one for search where the"
+        " server can.",
         f"at head {head}",
     ]
     assert await migrations.current_revision(settings_for(empty_database)) == head

@@ -197,6 +197,9 @@ async def test_read_only_units_read_from_the_replica_and_writes_go_to_the_primar
         async with store.session(read_only=True) as session:
             assert ran_on_replica(session)
             await _wait_for(lambda: _sees_user(store, user_id), "the replica replays the user")
+        async with store.session(read_only=True) as session:
+            assert ran_on_replica(session)
+            assert not (await TaskRepo(session).page(user_id)).items  # its cursor key too
         async with store.session() as session:
             assert not ran_on_replica(session)
             await TaskRepo(session).create(user_id, title="on the primary")

@@ -212,9 +212,14 @@ async def _schema_objects(url: str) -> tuple[set[str], set[str]]:
             )
             table_names = set(tables)
             functions = await connection.scalars(
+                # An extension's functions (pg_trgm's, where revision 0005 installs it) are
+                # the extension's, not the schema's own.
                 text(
-                    """SELECT proname FROM pg_proc
-                       WHERE pronamespace = 'public'::regnamespace"""
+                    """SELECT proname FROM pg_proc p
+                       WHERE pronamespace = 'public'::regnamespace
+                         AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                         WHERE d.classid = 'pg_proc'::regclass
+                                           AND d.objid = p.oid AND d.deptype = 'e')"""
                 )
             )
             return table_names, set(functions)

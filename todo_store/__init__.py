@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from todo_store.models import Base, Task, User
     from todo_store.owned import OwnedRepo
+    from todo_store.pages import Page
     from todo_store.replicas import (
         ConsistencyToken,
         ConsistencyTokenUnavailable,
@@ -87,6 +88,7 @@ _HOMES = {
     "Base": "models",
     "Task": "models",
     "User": "models",
+    "Page": "pages",
     "UNSET": "repositories",
     "OwnedRepo": "owned",
     "TaskRepo": "repositories",
@@ -118,6 +120,7 @@ __all__ = [
     "InvalidData",
     "NotFoundError",
     "OwnedRepo",
+    "Page",
     "ReadOnlyViolation",
     "RowNotFound",
     "SchemaNotReady",

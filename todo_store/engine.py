@@ -52,6 +52,7 @@ from todo_store.errors import (
     is_connection_loss,
     translate,
 )
+from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
 from todo_store.replicas import (
     PositionReportingConnection,
     PositionReportingSession,
@@ -166,9 +167,31 @@ def add_store_events(
     event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
 
 
-def create_sessionmaker(engine: AsyncEngine, **options: Any) -> async_sessionmaker[AsyncSession]:
-    """Sessions whose objects stay readable after commit (nothing lazy-loads later)."""
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, **options)
+def create_sessionmaker(
+    engine: AsyncEngine, *, cursor_key: CursorKey | None = None, **options: Any
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay readable after commit (nothing lazy-loads later).
+
+    `cursor_key` goes in each session's `info`, where `TaskRepo.page` finds it; `options`
+    go to `async_sessionmaker` (e.g. `sync_session_class`).
+    """
+    info = {} if cursor_key is None else {CURSOR_KEY_INFO: cursor_key}
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info, **options)
+
+
+def _keyed(engine: AsyncEngine, key: CursorKey) -> AsyncEngine:
+    """`engine`, its connections holding the cursor key (a replica's, like the primary's)."""
+    _hand_cursor_key(engine, key)
+    return engine
+
+
+def _hand_cursor_key(engine: AsyncEngine, key: CursorKey) -> None:
+    """Put `key` in every connection's `info`: `TaskRepo(connection)` finds it there."""
+
+    def on_connect(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[CURSOR_KEY_INFO] = key
+
+    event.listen(engine.sync_engine, "connect", on_connect)
 
 
 # -- first connect: no questions the server already answered -------------------------------
@@ -623,21 +646,23 @@ class TodoStore:
         ReplicaSet.validate(self.settings)
         self.engine = create_engine(self.settings, **engine_kwargs)
         track_writes(self.engine)
+        key = cursor_key_for(self.settings.cursor_secret, self.settings.better_auth_secret)
+        _hand_cursor_key(self.engine, key)
         self.sessionmaker = create_sessionmaker(
-            self.engine, sync_session_class=PositionReportingSession
+            self.engine, cursor_key=key, sync_session_class=PositionReportingSession
         )
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._non_atomic = create_sessionmaker(self._autocommit_engine)
+        self._non_atomic = create_sessionmaker(self._autocommit_engine, cursor_key=key)
         self._read_only = create_sessionmaker(
-            self.engine.execution_options(postgresql_readonly=True)
+            self.engine.execution_options(postgresql_readonly=True), cursor_key=key
         )
         self.read_router = ReplicaSet(
             self.settings,
             primary=self.engine,
             primary_read_only=self._read_only,
-            engines=lambda settings: create_engine(settings, **engine_kwargs),
-            sessions=create_sessionmaker,
+            engines=lambda settings: _keyed(create_engine(settings, **engine_kwargs), key),
+            sessions=lambda engine: create_sessionmaker(engine, cursor_key=key),
         )
         # Each with its `engine` (instrumentation finds the engines a store holds this way).
         self.replicas = self.read_router.replicas

@@ -70,6 +70,12 @@ class Task(Base):
         ),
         # Shaped for the list query: WHERE user_id = ? [AND id < ?] ORDER BY id DESC.
         Index("idx_tasks_user_id", "user_id", "id"),
+        # One per sort of TaskRepo.page (migration 0005; its trigram index is left out here,
+        # as it exists only where pg_trgm does).
+        Index("idx_tasks_user_created", "user_id", "created_at", "id"),
+        Index("idx_tasks_user_updated", "user_id", "updated_at", "id"),
+        Index("idx_tasks_user_title", "user_id", "title", "id"),
+        Index("idx_tasks_user_completed", "user_id", "completed", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)

@@ -21,6 +21,7 @@ work is done per row.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, Final, NoReturn, TypeVar, cast
 
 from sqlalchemy import (
@@ -46,6 +47,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from todo_store import pages
 from todo_store.columns import TableColumns
 from todo_store.errors import TaskNotFound, UserNotFound, VersionConflict
 from todo_store.models import Task, User
@@ -243,6 +245,46 @@ class TaskRepo:
         if query.before is None:
             del parameters["before"]
         return await _run(self.session, statement, parameters, shape.all)
+
+    async def page(
+        self,
+        user_id: str,
+        *,
+        search: str | None = None,
+        completed: bool | None = None,
+        updated_since: datetime | None = None,
+        sort: pages.Sort = "-created",
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> pages.Page:
+        """A page of the user's tasks; pass `next_cursor` back as `cursor` for the next one.
+
+        `search`: every word (split on whitespace, any language) must occur, in any case, in
+        the title or the description; `%`, `_` and `\\` match themselves. `completed`,
+        `updated_since` (timezone-aware) filter. `sort`: `created`, `updated`, `title` or
+        `completed`, `-` first for descending; ties go by id. `limit`: 1..500.
+
+        One statement per page, keyset-paginated: a task that exists unchanged from the first
+        page to the last appears exactly once, whatever else is added, edited or deleted
+        meanwhile. The cursor is encrypted and bound to this user and these arguments; bad
+        arguments, and a cursor that was modified or comes from another query, raise
+        `pydantic.ValidationError` (a `ValueError`) naming the field, before any SQL.
+        """
+        key = pages.cursor_key_of(self.session.info)
+        arguments = {
+            "user_id": user_id,
+            "search": search,
+            "completed": completed,
+            "updated_since": updated_since,
+            "sort": sort,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        query = pages.PageQuery.model_validate(arguments, context={"key": key})
+        shape = TASK_TABLE.shape()
+        statement = shape.built(pages.statement, pages.statement_key(query))
+        rows = await _run(self.session, statement, pages.parameters(query), shape.all)
+        return pages.page_of(query, key, rows)
 
     async def get(self, user_id: str, task_id: int) -> TaskRecord:
         """The task, or `TaskNotFound` if it is missing or not this user's."""

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
         description="Direct (unpooled) URL for migrations; derived from a `-pooler` host if unset.",
     )
     better_auth_secret: SecretStr | None = Field(default=None, min_length=32)
+    cursor_secret: SecretStr | None = Field(
+        default=None,
+        min_length=32,
+        description=(
+            "Key material for page cursors (TaskRepo.page); if unset, BETTER_AUTH_SECRET's is "
+            "used, else a random key per process (cursors then fail on other instances)."
+        ),
+    )
 
     pool_size: int = Field(default=5, ge=1, le=100)
     max_overflow: int = Field(default=5, ge=0, le=100)
