@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy import event
@@ -19,6 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from todo_store import Settings, TodoStore
+from todo_store.binding import grant
+from todo_store.engine import create_engine
 from todo_store.testing.pgbouncer import PgBouncer, PgBouncerUnavailable, tracking_binary
 from todo_store.testing.plugin import REQUIRE_PGBOUNCER, settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
@@ -144,6 +148,36 @@ async def run_command(
         raise
     assert process.returncode is not None
     return CommandRun(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def _admin_execute(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def granted_role(server: ProvisionedServer, database_url: str) -> AsyncIterator[str]:
+    """A new LOGIN role given what the application needs on `database_url`'s database by
+    `grant` (what `todo-store grant` does); yields `database_url` as that role. The role is a
+    runtime role: row-level security applies to it. Dropped afterwards."""
+    name = f"todo_store_rt_{secrets.token_hex(4)}"
+    await _admin_execute(server.admin_url, f'CREATE ROLE "{name}" LOGIN')
+    try:
+        engine = create_engine(settings_for(database_url))
+        try:
+            async with engine.begin() as conn:
+                await grant(conn, name)
+        finally:
+            await engine.dispose()
+        url = make_url(database_url).set(username=name, password=None)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        await _admin_execute(database_url, f'DROP OWNED BY "{name}"')
+        await _admin_execute(server.admin_url, f'DROP ROLE "{name}"')
 
 
 @pytest.fixture

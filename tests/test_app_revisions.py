@@ -16,12 +16,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
-from conftest import CommandRun, run_command
+from conftest import CommandRun, granted_role, run_command
 
 from todo_store import migrations
 from todo_store.doctor import diagnose
 from todo_store.schema_checks import SCHEMA_CHECKS
 from todo_store.testing.plugin import settings_for
+from todo_store.testing.postgres import ProvisionedServer
 
 TODO_STORE = Path(sys.executable).with_name("todo-store")
 PACKAGE_SCRIPTS = ScriptDirectory(str(migrations.package_script_location()))
@@ -34,6 +35,7 @@ DOCTOR = [
     "tls",
     "round trip",
     "statement cache",
+    "row-level security",
     "revision",
     "drift",
     *(name for name, _ in SCHEMA_CHECKS),
@@ -95,9 +97,11 @@ def downgrade() -> None:
 '''
 
 
-async def todo_store(cwd: Path, *args: str, database_url: str | None) -> CommandRun:
-    """The installed `todo-store` command, in `cwd`, with DATABASE_URL and nothing else set."""
-    return await run_command(TODO_STORE, *args, cwd=cwd, database_url=database_url)
+async def todo_store(
+    cwd: Path, *args: str, database_url: str | None, **extra_env: str
+) -> CommandRun:
+    """The installed `todo-store` command, in `cwd`, with DATABASE_URL (and `extra_env`)."""
+    return await run_command(TODO_STORE, *args, cwd=cwd, database_url=database_url, **extra_env)
 
 
 def make_app(directory: Path, *, with_models: bool = True) -> Path:
@@ -126,7 +130,7 @@ async def _priority_column(url: str) -> str | None:
 
 
 async def test_migrate_doctor_and_demo_follow_the_applications_revisions(
-    empty_database: str, tmp_path: Path
+    empty_database: str, tmp_path: Path, todo_store_server: ProvisionedServer
 ) -> None:
     app = tmp_path / "app"
     ini = make_app(app)
@@ -143,12 +147,16 @@ async def test_migrate_doctor_and_demo_follow_the_applications_revisions(
     # From anywhere else, --config names the application's file. Independent: run together.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    doctor, by_path, again, demo = await asyncio.gather(
-        todo_store(app, "doctor", database_url=empty_database),
-        todo_store(elsewhere, "doctor", "--config", str(ini), database_url=empty_database),
-        todo_store(app, "migrate", database_url=empty_database),
-        todo_store(app, "demo", database_url=empty_database),
-    )
+    async with granted_role(todo_store_server, empty_database) as runtime_url:
+        owner = {"DATABASE_URL_DIRECT": empty_database}  # doctor: the app's role, as it runs
+        doctor, by_path, again, demo = await asyncio.gather(
+            todo_store(app, "doctor", database_url=runtime_url, **owner),
+            todo_store(
+                elsewhere, "doctor", "--config", str(ini), database_url=runtime_url, **owner
+            ),
+            todo_store(app, "migrate", database_url=empty_database),
+            todo_store(app, "demo", database_url=empty_database),
+        )
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert [line.split(":")[0] for line in doctor.lines] == [f"✔ {name}" for name in DOCTOR]
     assert doctor.line("revision").startswith(f"✔ revision: {APP_REVISION} = head, via ")
@@ -231,7 +239,8 @@ async def test_doctor_in_process(empty_database: str, tmp_path: Path) -> None:
 
     await migrations.upgrade(settings, config=ini)
     after = await diagnose(settings, ini)
-    assert [check.name for check in after if not check.ok] == ["drift"]
+    # The database's own role is a superuser: row-level security does not hold it.
+    assert [check.name for check in after if not check.ok] == ["row-level security", "drift"]
     [drift] = [check for check in after if check.name == "drift"]
     assert drift.detail == "models and database differ: remove_column tasks.priority"
     assert "target_metadata = module:metadata" in drift.hint

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from todo_store.engine import TodoStore, create_engine, create_sessionmaker
     from todo_store.errors import (
+        AccessRefused,
         CommitOutcomeUnknown,
         ConflictError,
         ConnectionRejected,
@@ -64,6 +65,7 @@ _HOMES = {
     "TodoStore": "engine",
     "create_engine": "engine",
     "create_sessionmaker": "engine",
+    "AccessRefused": "errors",
     "CommitOutcomeUnknown": "errors",
     "ConflictError": "errors",
     "ConnectionRejected": "errors",
@@ -106,6 +108,7 @@ _HOMES = {
 
 __all__ = [
     "UNSET",
+    "AccessRefused",
     "Base",
     "CommitOutcomeUnknown",
     "ConflictError",

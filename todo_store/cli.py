@@ -6,6 +6,9 @@
   without `DATABASE_URL` it uses an embedded PostgreSQL it starts and deletes.
 - `todo-store migrate` upgrades the schema to head (on the direct URL) and says which
   revisions it applied, or that the database was already at head.
+- `todo-store grant ROLE` gives an existing role exactly what the application needs at run
+  time (DML on the user-owned tables, their sequences), over the direct URL as the tables'
+  owner; it refuses a role that could bypass row-level security.
 - `todo-store --version` prints the installed version.
 
 Exit status, the same for every command: 0 success; 1 a check, the database or a migration
@@ -37,6 +40,7 @@ from pathlib import Path
 from alembic.util import CommandError
 
 from todo_store import __version__, migrations
+from todo_store.binding import GrantRefused, grant
 from todo_store.demo import run_demo
 from todo_store.doctor import (
     EXIT_CONFIG,
@@ -122,6 +126,34 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _grant(settings: Settings, role: str) -> list[str]:
+    engine = migrations.create_migration_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            return await grant(conn, role)
+    finally:
+        await engine.dispose()
+
+
+def _cmd_grant(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except SettingsProblem as problem:
+        print(f"✘ settings: {problem}")
+        return EXIT_CONFIG
+    print(migrations.direct_settings(settings)[1].replace("migrations use", "grant uses", 1))
+    try:
+        granted = asyncio.run(_grant(settings, args.role))
+    except GrantRefused as refused:
+        print(f"✘ grant: {refused}")
+        return EXIT_FAILED
+    except _MIGRATION_ERRORS as error:
+        print(f"✘ grant: {describe_error(error, settings)}")
+        return EXIT_FAILED
+    print(f"granted {args.role}: {'; '.join(granted)}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config=_config(args))
 
@@ -148,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[with_config],
         help="check the configured database, one line each",
         description="Check the database DATABASE_URL names: connection, server, pooler, TLS, "
-        "round trip, statement caching, revision, drift and the schema's behaviours (in a "
+        "round trip, statement caching, row-level security, revision, drift and the schema's "
+        "behaviours (in a "
         "transaction that is rolled back). One line per check; exit status 0 only if all pass.",
     )
     doctor.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -171,6 +204,18 @@ def _parser() -> argparse.ArgumentParser:
         "Safe to run from several instances at once.",
     )
     migrate.set_defaults(run=_cmd_migrate)
+    grant_command = commands.add_parser(
+        "grant",
+        help="give an existing role what the application needs at run time (direct URL,"
+        " as the tables' owner); refuses a role that bypasses row-level security",
+        description="Grant an existing role exactly what the application needs at run time: "
+        "SELECT, INSERT, UPDATE and DELETE on the user-owned tables and USAGE on their "
+        "sequences. Runs over the direct URL as the tables' owner. Refuses a superuser, a role "
+        "with BYPASSRLS or a member of one, and the tables' owner: row-level security would "
+        "not hold them. Put the role in DATABASE_URL afterwards.",
+    )
+    grant_command.add_argument("role", metavar="ROLE", help="the role in DATABASE_URL")
+    grant_command.set_defaults(run=_cmd_grant)
     return parser
 
 

@@ -38,6 +38,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from todo_store import migrations
+from todo_store.binding import bypass_routes, user_owned_tables
 from todo_store.engine import create_engine
 from todo_store.errors import UPGRADE_COMMAND, TodoStoreError
 from todo_store.pooler import PoolerFindings
@@ -79,6 +80,7 @@ _AFTER_CONNECT = [
     "tls",
     "round trip",
     "statement cache",
+    "row-level security",
     "revision",
     "drift",
     *(name for name, _ in SCHEMA_CHECKS),
@@ -240,6 +242,41 @@ def _statement_cache(settings: Settings, found: PoolerFindings | None) -> CheckR
     )
 
 
+_RUNTIME_ROLE_HINT = (
+    "give the application a role of its own: CREATE ROLE app LOGIN PASSWORD '...', then "
+    "`todo-store grant app` (with the owner's URL in DATABASE_URL_DIRECT) and put app in "
+    "DATABASE_URL"
+)
+
+
+async def _row_level_security(conn: AsyncConnection) -> CheckResult:
+    """✘ when the DATABASE_URL role can bypass the user policies, or a user-owned table is
+    not guarded (row-level security enabled and forced)."""
+    role = str(await conn.scalar(text("SELECT current_user")))
+    tables = await user_owned_tables(conn)
+    unguarded = [table.name for table in tables if not table.guarded]
+    if unguarded or not tables:
+        shown = ", ".join(unguarded) or "tasks, users"
+        return CheckResult(
+            "row-level security",
+            False,
+            f"not enabled and forced on {shown}",
+            "run `todo-store migrate` (your own tables: `make_user_owned` in a revision)",
+        )
+    routes = await bypass_routes(conn, role)
+    if routes:
+        return CheckResult(
+            "row-level security",
+            False,
+            f"role {role} {'; '.join(routes)}: it bypasses row-level security",
+            _RUNTIME_ROLE_HINT,
+        )
+    names = ", ".join(table.name for table in tables)
+    return CheckResult(
+        "row-level security", True, f"role {role} cannot bypass it; enforced on {names}"
+    )
+
+
 async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[CheckResult]:
     raw_url = settings.database_url.get_secret_value()
     version_num, version, server_ssl, tls_version = (
@@ -272,6 +309,7 @@ async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[
             f"{statistics.median(samples):.2f} ms (median of {_RTT_SAMPLES} SELECT 1)",
         ),
         _statement_cache(settings, found),
+        await _row_level_security(conn),
     ]
 
 

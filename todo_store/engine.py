@@ -4,6 +4,8 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
 - no named prepared statement outlives its transaction (unless `statement_cache` is on);
 - round trips with caching off: an atomic unit of work of n statements costs 2n + 2 (BEGIN,
   prepare + execute per statement, COMMIT); a non-atomic one (`session(atomic=False)`) 2n;
+  a unit bound to a user (`session(user_id=...)`) costs what it costs unbound when atomic
+  (the binding rides on the BEGIN), and 4 per call when not (a bound transaction per call);
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
   all) is replaced at checkout, before any caller code runs, without sending anything, and
   only that one: a loss never throws healthy connections away;
@@ -37,6 +39,13 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from todo_store.binding import (
+    USER_OPTION,
+    BoundConnection,
+    CallByCallTransactions,
+    add_binding_events,
+    unit_arguments,
+)
 from todo_store.connect_errors import (
     driver_error,
     error_chain,
@@ -87,6 +96,11 @@ def _unnamed_statement() -> str:
     return ""
 
 
+class StoreConnection(BoundConnection, PositionReportingConnection):
+    """The store's asyncpg connection: a unit's user binding rides on its BEGIN, a writing
+    unit's commit position on its COMMIT; every other query is sent unchanged."""
+
+
 def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     """The asyncpg URL and connect arguments `create_engine` uses (also used by migrations)."""
     target = to_asyncpg(settings.database_url.get_secret_value())
@@ -96,8 +110,9 @@ def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     # Client-side timeout: asyncpg cancels the statement on the server when it expires. A
     # `statement_timeout` startup parameter would be refused by PgBouncer.
     args["command_timeout"] = settings.statement_timeout
-    # Reports a writing unit's commit position in the COMMIT's round trip (consistency tokens).
-    args["connection_class"] = PositionReportingConnection
+    # Carries a unit's user binding in the BEGIN it sends anyway (see `binding`), and a
+    # writing unit's commit position in its COMMIT (consistency tokens, see `replicas`).
+    args["connection_class"] = StoreConnection
     if settings.statement_cache:
         args["statement_cache_size"] = settings.statement_cache_size
         args["prepared_statement_cache_size"] = settings.statement_cache_size
@@ -165,6 +180,7 @@ def add_store_events(
     # 1% of the statement timeout, at least 20 ms, at most 100 ms.
     close_budget = min(max(statement_timeout * 0.01, 0.02), 0.1)
     event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
+    add_binding_events(engine)
 
 
 def create_sessionmaker(
@@ -654,9 +670,8 @@ class TodoStore:
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._non_atomic = create_sessionmaker(self._autocommit_engine, cursor_key=key)
-        self._read_only = create_sessionmaker(
-            self.engine.execution_options(postgresql_readonly=True), cursor_key=key
-        )
+        self._read_only_engine = self.engine.execution_options(postgresql_readonly=True)
+        self._read_only = create_sessionmaker(self._read_only_engine, cursor_key=key)
         self.read_router = ReplicaSet(
             self.settings,
             primary=self.engine,
@@ -674,7 +689,12 @@ class TodoStore:
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False, after: str | None = None
+        self,
+        *,
+        atomic: bool = True,
+        read_only: bool = False,
+        user_id: str | None = None,
+        after: str | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """A unit of work.
 
@@ -688,17 +708,29 @@ class TodoStore:
         leaves the session usable. Use it when the block makes one call, or calls that need
         not succeed together.
 
-        `read_only=True` with `DATABASE_URL_REPLICA` set: on a replica that is healthy and
-        within `REPLICA_MAX_LAG`, else on the primary (see `todo_store.replicas`). `after=` a
-        consistency token (`todo_store.consistency_token(session)` of an earlier unit): never
-        a state older than that unit's commit. A malformed token raises `ValueError`, one
-        from another database `ForeignConsistencyToken`, before any SQL is sent.
+        `user_id`: the unit is bound to that user in the database (row-level security): its
+        statements see and change only that user's rows, whatever their WHERE clause; at no
+        extra round trip (the binding rides on the BEGIN). The binding needs a transaction,
+        so with `atomic=False` every call is a bound transaction of its own (committed at
+        once; 4 round trips per call instead of 2).
+
+        Raises `ValueError` naming the argument (before anything is sent) for `read_only`
+        without `atomic`, or an invalid `user_id`.
+
+        `read_only=True` with `DATABASE_URL_REPLICA` set (and no `user_id`): on a replica that
+        is healthy and within `REPLICA_MAX_LAG`, else on the primary (see `replicas`). `after=`
+        a consistency token (`todo_store.consistency_token(session)` of an earlier unit): never
+        a state older than that unit's commit. A malformed token raises `ValueError`, one from
+        another database `ForeignConsistencyToken`, before any SQL is sent.
         """
-        if read_only and not atomic:
-            raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
+        bound = unit_arguments(atomic=atomic, read_only=read_only, user_id=user_id)
         if after is not None and not read_only:
             raise ValueError("after= needs read_only=True (writes always go to the primary)")
         try:
+            if bound is not None:
+                async with self._bound_unit(bound, atomic=atomic, read_only=read_only) as session:
+                    yield session
+                return
             if not atomic:
                 # No transaction to begin or commit: only ORM changes of the caller's own, if
                 # any, are flushed (each statement commits by itself). Closing returns the
@@ -718,11 +750,27 @@ class TodoStore:
         except exc.TimeoutError:  # only the pool raises SQLAlchemy's TimeoutError
             raise self._pool_exhausted() from None
 
+    @asynccontextmanager
+    async def _bound_unit(
+        self, user_id: str, *, atomic: bool, read_only: bool
+    ) -> AsyncIterator[AsyncSession]:
+        engine = self._read_only_engine if read_only else self.engine
+        bind = engine.execution_options(**{USER_OPTION: user_id})
+        session_class = AsyncSession if atomic else CallByCallTransactions
+        info = dict(self.sessionmaker.kw.get("info") or {})  # the cursor key, as unbound units
+        async with session_class(
+            bind=bind, expire_on_commit=False, autoflush=False, info=info
+        ) as session:
+            yield session
+            if atomic or session.new or session.dirty or session.deleted:
+                await session.commit()
+
     async def run(
         self,
         work: Callable[[AsyncSession], Awaitable[T]],
         *,
         attempts: int = 3,
+        user_id: str | None = None,
         read_only: bool = False,
         after: str | None = None,
     ) -> T:
@@ -733,15 +781,19 @@ class TodoStore:
         backoff. Nothing else is retried: not `DatabaseUnavailable`, never
         `CommitOutcomeUnknown` — except that a read-only unit (`read_only=True`, `after=` as
         for `session`) whose replica fails with `DatabaseUnavailable` runs again at once, on
-        the primary or a healthy replica.
+        the primary or a healthy replica. `user_id` binds the unit to that user, as in
+        `session()`.
         """
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        unit_arguments(atomic=True, read_only=False, user_id=user_id)
         delay = _RETRY_FIRST_DELAY_S
         for attempt in range(1, attempts + 1):
             on_replica = False
             try:
-                async with self.session(read_only=read_only, after=after) as session:
+                async with self.session(
+                    user_id=user_id, read_only=read_only, after=after
+                ) as session:
                     on_replica = ran_on_replica(session)
                     return await work(session)
             except TransactionConflict as conflict:

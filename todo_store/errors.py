@@ -19,6 +19,7 @@ What a caller can do with each error:
 | `CommitOutcomeUnknown` | failed while committing: the write may have happened | not blindly |
 | `ConnectionRejected` | login refused: password, role, database, TLS, parameter | fix config |
 | `ReadOnlyViolation` | a write in `session(read_only=True)` | no: use a writing unit |
+| `AccessRefused` | a write for another user than the bound one; a role without grants | no |
 | `DatabaseError` | anything else, with `.sqlstate` | no |
 """
 
@@ -166,6 +167,21 @@ class ConnectionRejected(TodoStoreError):
         self.sqlstate = sqlstate
 
 
+class AccessRefused(TodoStoreError):
+    """The database refused the statement (SQLSTATE 42501), nothing was written: a write for
+    another user than the one the unit of work is bound to (or in an unbound unit, under a
+    role that row-level security applies to), or a role lacking a privilege (`todo-store
+    grant ROLE`). Another user's existing row is never reported this way: it looks missing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "refused by the database: a write for another user than the unit of work is bound"
+            " to, or a role without the privilege (SQLSTATE 42501)"
+        )
+        self.sqlstate = _INSUFFICIENT_PRIVILEGE
+
+
 class DatabaseError(TodoStoreError):
     """Any other error the server reported; `sqlstate` says which."""
 
@@ -190,6 +206,7 @@ _TOO_MANY_CONNECTIONS = "53300"
 _RESOURCES_CLASS = "53"  # disk full, out of memory: retrying does not help
 AUTH_CLASS = "28"  # invalid authorization: wrong user or password, pg_hba.conf refusal
 UNKNOWN_DATABASE = "3D000"
+_INSUFFICIENT_PRIVILEGE = "42501"  # row-level security WITH CHECK, or a missing GRANT
 
 OWNER_KEYS: set[str] = {"fk_tasks_user_id_users"}
 """Foreign keys from a table's owner column to `users.id`, ON DELETE CASCADE (so only a write
@@ -211,6 +228,8 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
         return InvalidData(constraint)
     if sqlstate in _SCHEMA_MISSING:
         return SchemaNotReady(sqlstate)
+    if sqlstate == _INSUFFICIENT_PRIVILEGE:
+        return AccessRefused()
     if sqlstate in (_SERIALIZATION_FAILURE, _DEADLOCK):
         return TransactionConflict(sqlstate)
     if sqlstate == _READ_ONLY_TRANSACTION:
@@ -219,6 +238,11 @@ def translate(sqlstate: str | None, *, constraint: str | None = None) -> TodoSto
         return DatabaseUnavailable("statement cancelled (statement timeout or cancel request)")
     if sqlstate == _TOO_MANY_CONNECTIONS:
         return DatabaseUnavailable(f"the server has too many connections (SQLSTATE {sqlstate})")
+    return _by_class(sqlstate)
+
+
+def _by_class(sqlstate: str | None) -> TodoStoreError:
+    """The errors told apart by their SQLSTATE class only."""
     if sqlstate is None:
         return DatabaseError(sqlstate)
     if sqlstate.startswith(DISCONNECT_SQLSTATE_CLASSES):

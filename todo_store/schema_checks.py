@@ -27,6 +27,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from todo_store.binding import USER_SETTING
 from todo_store.errors import (
     UPGRADE_COMMAND,
     DatabaseError,
@@ -77,6 +78,11 @@ class CheckResult:
 
 async def _new_user(session: AsyncSession) -> str:
     user_id = f"doctor_{secrets.token_hex(6)}"
+    # Bound to the throwaway user (until the check's savepoint is rolled back), so the checks
+    # work under row-level security for the runtime role as for the owner.
+    await session.execute(
+        text("SELECT set_config(:setting, :id, true)"), {"setting": USER_SETTING, "id": user_id}
+    )
     await session.execute(
         text("INSERT INTO users (id, email, name) VALUES (:id, :email, 'schema check')"),
         {"id": user_id, "email": f"{user_id}@example.invalid"},

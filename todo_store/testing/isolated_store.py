@@ -52,9 +52,11 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from todo_store.binding import unit_arguments
 from todo_store.engine import TodoStore
 from todo_store.replicas import without_position
 from todo_store.settings import Settings
+from todo_store.testing.isolation import bound_scope
 
 _OTHER_LOOP = (
     "the todo_store fixture was set up on another event loop than the one running this code. "
@@ -198,16 +200,21 @@ class IsolatedTodoStore(TodoStore):
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False, after: str | None = None
+        self,
+        *,
+        atomic: bool = True,
+        read_only: bool = False,
+        user_id: str | None = None,
+        after: str | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """A unit of work inside the test's transaction; see the module docstring.
 
+        `user_id`: bound to that user under row-level security (`testing.isolation.bound_scope`).
         `after=` is accepted and needs nothing: every unit sees the test's own writes.
         """
+        bound = unit_arguments(atomic=atomic, read_only=read_only, user_id=user_id)
         if after is not None and not read_only:
             raise ValueError("after= needs read_only=True (writes always go to the primary)")
-        if read_only and not atomic:
-            raise ValueError("read_only=True needs atomic=True (a READ ONLY transaction)")
         if asyncio.get_running_loop() is not self._fixture_loop:
             raise RuntimeError(_OTHER_LOOP)
         async with self._units.turn():
@@ -218,6 +225,8 @@ class IsolatedTodoStore(TodoStore):
                 unit = self.sessionmaker.begin()
             else:
                 unit = self._statement_unit()
+            if bound is not None:
+                unit = _bound(self.connection, bound, unit)
             async with unit as session:
                 yield session
             if atomic and not read_only:
@@ -304,6 +313,14 @@ class CallByCallSession(AsyncSession):
                 return await call(*args, **kwargs)
         finally:
             self._in_call = False
+
+
+@asynccontextmanager
+async def _bound(
+    connection: AsyncConnection, user_id: str, unit: AbstractAsyncContextManager[AsyncSession]
+) -> AsyncIterator[AsyncSession]:
+    async with bound_scope(connection, user_id), unit as session:
+        yield session
 
 
 def _make_read_only(_session: Any, _transaction: Any, connection: Connection) -> None:
