@@ -496,10 +496,14 @@ async def test_a_role_that_may_not_read_the_position_commits_and_says_why(
             "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC"
         )
         url = migrated.primary_url.replace("postgres@", f"{role}@")
-        async with TodoStore(_settings(url, None)) as store:
-            user_id = await _new_user(store)
+        user_id = f"u_rep_{uuid.uuid4().hex[:12]}"
+        async with (
+            TodoStore(_settings(url, None)) as store,
+            store.session(user_id=user_id) as session,  # bound: the role is under RLS
+        ):
+            await UserRepo(session).upsert(user_id, email=f"{user_id}@example.com", name="R")
         with pytest.raises(ConsistencyTokenUnavailable, match="permission denied"):
-            consistency_token(_last_unit[0])
+            consistency_token(session)
         async with TodoStore(_settings(migrated.primary_url, None)) as store:
             assert await _sees_user(store, user_id)  # the unit committed all the same
     finally:

@@ -758,6 +758,17 @@ class TodoStore:
         bind = engine.execution_options(**{USER_OPTION: user_id})
         session_class = AsyncSession if atomic else CallByCallTransactions
         info = dict(self.sessionmaker.kw.get("info") or {})  # the cursor key, as unbound units
+        if atomic and not read_only:  # a write unit: its COMMIT reports a consistency token
+            maker = async_sessionmaker(
+                bind,
+                expire_on_commit=False,
+                autoflush=False,
+                info=info,
+                sync_session_class=PositionReportingSession,
+            )
+            async with write_unit(maker, self.read_router.learn) as session:
+                yield session
+            return
         async with session_class(
             bind=bind, expire_on_commit=False, autoflush=False, info=info
         ) as session:
