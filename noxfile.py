@@ -36,12 +36,14 @@ def tests_lowest(session: nox.Session) -> None:
 
 def _lowest_pins() -> list[str]:
     """`name==lower bound` for the runtime requirements of pyproject.toml, the pytest ones the
-    plugin runs on (the database provisioning extras are tools, not API), and OpenTelemetry's."""
+    plugin runs on (the database provisioning extras are tools, not API), the FastAPI extra's
+    and OpenTelemetry's."""
     project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
     requirements = (
         project["dependencies"]
         + [r for r in extras["testing"] if r.startswith("pytest")]
+        + extras["fastapi"]
         + [r for r in extras["otel"] + extras["dev"] if r.startswith("opentelemetry")]
     )
     pins = []

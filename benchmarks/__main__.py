@@ -1,4 +1,5 @@
-"""`python -m benchmarks [--quick] [--only comparison|pages]`: run the benchmarks, write the report.
+"""`python -m benchmarks [--quick] [--only comparison|pages|fastapi]`: run the benchmarks,
+write the report.
 
 Needs only what the tests need: a PostgreSQL from `TODO_STORE_TEST_DATABASE_URL` (else Docker,
 else an embedded one) and the `pgbouncer` binary (or Docker); the peer comparison also uses
@@ -23,6 +24,7 @@ from benchmarks import environment
 from benchmarks.chart import draw
 from benchmarks.comparison import RAW, TODO_STORE, TODO_STORE_NON_ATOMIC, TUTORIAL, compare
 from benchmarks.comparison import Plan as ComparisonPlan
+from benchmarks.fastapi import FastapiOverhead, measure_fastapi
 from benchmarks.leak import measure_leaks, statement_cache_on_old_pgbouncer
 from benchmarks.pages import measure_pages
 from benchmarks.peers import HOT_CALLS
@@ -46,9 +48,10 @@ class Plan:
     scaling_samples: int
     pages_sizes: list[int]
     pages_samples: int
+    fastapi_pairs: int
 
 
-FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51, [10**4, 10**5, 10**6], 51)
+FULL = Plan(7, 1_200, ComparisonPlan(), [10**4, 10**5, 10**6], 51, [10**4, 10**5, 10**6], 51, 100)
 QUICK = Plan(
     2,
     300,
@@ -57,6 +60,7 @@ QUICK = Plan(
     11,
     [10**4, 10**5],
     11,
+    20,
 )
 
 
@@ -69,13 +73,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file")
     parser.add_argument(
         "--only",
-        choices=["comparison", "pages"],
+        choices=["comparison", "pages", "fastapi"],
         help="run only this part (the report then holds only it)",
     )
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace, command: str) -> Results:
+async def run(args: argparse.Namespace, command: str) -> tuple[Results, FastapiOverhead | None]:
     plan = QUICK if args.quick else FULL
     rtt = args.rtt_ms / 1000
     everything = args.only is None
@@ -90,7 +94,9 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         async with environment.database(server, "main") as db:
             with db.bouncer() as bouncer:
                 versions = await environment.versions(db, bouncer)
-                mismatches = await _raw_sql_mismatches(db) if args.only != "pages" else []
+                mismatches = (
+                    await _raw_sql_mismatches(db) if args.only in (None, "comparison") else []
+                )
             if everything:
                 measured = await measure_all_paths(db, rtt=rtt, iterations=plan.iterations)
                 paths, skipped = measured.paths, measured.skipped
@@ -115,13 +121,17 @@ async def run(args: argparse.Namespace, command: str) -> Results:
                 pages = await measure_pages(
                     pages_db, sizes=plan.pages_sizes, samples=plan.pages_samples
                 )
+        fastapi = None
+        if args.only in (None, "fastapi"):
+            async with environment.database(server, "fastapi") as fastapi_db:
+                fastapi = await measure_fastapi(fastapi_db, pairs=plan.fastapi_pairs)
     chart = args.output.with_suffix(".png")
     why_not = (
         draw(comparison, chart_round_trips(paths), chart)
         if comparison is not None
         else "no comparison in this run"
     )
-    return Results(
+    results = Results(
         command=command,
         quick=args.quick,
         rtt=rtt,
@@ -141,6 +151,7 @@ async def run(args: argparse.Namespace, command: str) -> Results:
         pages=pages,
         pages_samples=plan.pages_samples,
     )
+    return results, fastapi
 
 
 # Round-trip configurations shown next to the comparison's implementations in the chart.
@@ -176,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     started = time.perf_counter()
-    results = asyncio.run(run(args, command))
-    report = render(results)
+    results, fastapi = asyncio.run(run(args, command))
+    report = render(results) + ("\n" + fastapi.markdown() if fastapi is not None else "")
     args.output.write_text(report, encoding="utf-8")
     print(report)
     took = time.perf_counter() - started

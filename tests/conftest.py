@@ -48,6 +48,14 @@ async def pooled_store(todo_store_pgbouncer: PgBouncer) -> AsyncIterator[TodoSto
         yield todo_store
 
 
+@pytest.fixture(params=["direct", "pgbouncer"])
+def served_store(request: pytest.FixtureRequest) -> TodoStore:
+    """`store` or `pooled_store`: the test runs once directly and once through PgBouncer."""
+    name = "store" if request.param == "direct" else "pooled_store"
+    served: TodoStore = request.getfixturevalue(name)
+    return served
+
+
 # Neon's pooler runs PgBouncer with this setting; it tracks protocol-level prepared statements.
 NEON_MAX_PREPARED_STATEMENTS = 1000
 

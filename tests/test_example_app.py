@@ -1,19 +1,27 @@
-"""The example FastAPI app (`examples/fastapi_app.py`) over HTTP, against the test database.
+"""The example FastAPI app (`examples/fastapi_app.py`) over HTTP, against the test database,
+directly and through PgBouncer.
 
-The app gets the suite's committing `store`, so no lifespan is needed (httpx's ASGITransport
-does not run one). Every test uses fresh user ids and deletes those users at the end.
+The app gets the suite's committing `store` (httpx's ASGITransport runs no lifespan); one test
+runs it under uvicorn with its own lifespan. Every test uses fresh user ids and deletes those
+users at the end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import command_env
 from sqlalchemy import delete
 from sqlalchemy.engine import URL
 
@@ -32,6 +40,7 @@ from todo_store import (
 from todo_store.testing.postgres import ProvisionedServer, create_database, drop_database
 
 NEVER_ISSUED_ID = 2**63 - 1  # a valid task id no task will ever get
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _client(store: TodoStore) -> httpx.AsyncClient:
@@ -44,8 +53,8 @@ def _as(user_id: str) -> dict[str, str]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def client(store: TodoStore) -> AsyncIterator[httpx.AsyncClient]:
-    async with _client(store) as http:
+async def client(served_store: TodoStore) -> AsyncIterator[httpx.AsyncClient]:
+    async with _client(served_store) as http:
         yield http
 
 
@@ -381,7 +390,7 @@ async def test_rejected_login_is_503_without_retry_after(
         (
             CommitOutcomeUnknown("the connection was lost during COMMIT"),
             503,
-            "the database did not confirm the write: read before retrying",
+            "outcome unknown: the database did not confirm the write; read before retrying",
             None,
         ),
         (DatabaseError("XX000"), 500, "internal error", None),
@@ -405,3 +414,152 @@ async def test_package_errors_map_to_fixed_responses(
     assert response.status_code == status
     assert response.json() == {"detail": detail}
     assert response.headers.get("retry-after") == retry_after
+
+
+async def test_me_is_read_in_one_snapshot(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, other = users
+    await _sign_up(client, me)
+    created = await client.post(
+        "/tasks/batch", json=[{"title": "open"}, {"title": "done"}], headers=_as(me)
+    )
+    await client.post(f"/tasks/{created.json()[1]['id']}/toggle", headers=_as(me))
+    response = await client.get("/me", headers=_as(me))
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["user"]["id"], body["open_tasks"], body["done_tasks"]) == (me, 1, 1)
+    missing = await client.get("/me", headers=_as(other))
+    assert (missing.status_code, missing.json()) == (404, {"detail": "user not found"})
+
+
+def _operation(schema: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    operation: dict[str, Any] = schema["paths"][path][method]
+    return operation
+
+
+def _parameter(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    [parameter] = [p for p in operation["parameters"] if p["name"] == name]
+    schema: dict[str, Any] = parameter["schema"]
+    return schema
+
+
+def test_openapi_lists_the_bounds_and_the_error_responses(store: TodoStore) -> None:
+    schema = create_app(store).openapi()
+    listing = _operation(schema, "get", "/tasks")
+    assert (_parameter(listing, "limit")["minimum"], _parameter(listing, "limit")["maximum"]) == (
+        1,
+        500,
+    )
+    before = _parameter(listing, "before")["anyOf"][0]
+    assert (before["exclusiveMinimum"], before["maximum"]) == (0, 2**63 - 1)
+    for method, path in [
+        ("get", "/tasks/{task_id}"),
+        ("patch", "/tasks/{task_id}"),
+        ("post", "/tasks/{task_id}/toggle"),
+        ("delete", "/tasks/{task_id}"),
+    ]:
+        operation = _operation(schema, method, path)
+        assert _parameter(operation, "task_id")["exclusiveMinimum"] == 0
+        assert {"404", "422", "500", "503"} <= set(operation["responses"])
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
+    assert "409" in _operation(schema, "put", "/me")["responses"]
+    components = schema["components"]["schemas"]
+    title = components["TaskCreate"]["properties"]["title"]
+    assert (title["minLength"], title["maxLength"]) == (1, 200)
+    # The 422 schema is the shape sent: no `input`, no `ctx`.
+    assert set(components["ValidationError"]["properties"]) == {"loc", "msg", "type"}
+    assert components["HTTPValidationError"]["properties"]["detail"]["maxItems"] == 20
+
+
+async def test_uvicorn_serves_the_app_with_its_own_store(
+    todo_store_settings: Settings, new_user_id: str
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [
+        *(sys.executable, "-m", "uvicorn", "--factory", "examples.fastapi_app:create_app"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+    env = command_env(todo_store_settings.database_url.get_secret_value())
+    server = subprocess.Popen(  # noqa: ASYNC220 - runs beside the test, stopped in `finally`
+        argv, cwd=REPOSITORY, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            response = await _first_answer(http, f"/tasks/{NEVER_ISSUED_ID}", _as(new_user_id))
+        assert (response.status_code, response.json()) == (404, {"detail": "task not found"})
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    # The lifespan ran to its end (the store disposed); uvicorn re-raises the SIGTERM it got.
+    assert b"Application shutdown complete" in output, output.decode()
+
+
+async def _first_answer(
+    http: httpx.AsyncClient, path: str, headers: dict[str, str]
+) -> httpx.Response:
+    """The first response of a server still starting (bounded: 30 s)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await http.get(path, headers=headers)
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+
+
+async def test_edits_with_a_stale_if_match_are_412_and_change_nothing(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    created = await client.post("/tasks", json={"title": "draft"}, headers=_as(me))
+    task_id, first = created.json()["id"], created.headers["etag"]
+    read = await client.get(f"/tasks/{task_id}", headers=_as(me))
+    assert read.headers["etag"] == first == '"1"'
+
+    edited = await client.patch(
+        f"/tasks/{task_id}", json={"title": "final"}, headers={**_as(me), "If-Match": first}
+    )
+    assert (edited.status_code, edited.headers["etag"]) == (200, '"2"')
+    stale = {**_as(me), "If-Match": first}
+    for method, suffix, body in [
+        ("PATCH", "", {"title": "overwritten"}),
+        ("POST", "/toggle", None),
+        ("DELETE", "", None),
+    ]:
+        response = await client.request(
+            method, f"/tasks/{task_id}{suffix}", json=body, headers=stale
+        )
+        assert response.status_code == 412, (method, suffix)
+        assert response.headers["etag"] == '"2"'
+        assert response.json() == {
+            "detail": "precondition failed: the task has changed; read it again"
+        }
+    now = (await client.get(f"/tasks/{task_id}", headers=_as(me))).json()
+    assert (now["title"], now["completed"], now["version"]) == ("final", False, 2)
+
+    # Without If-Match the last write wins; with the current ETag the delete goes through.
+    assert (await client.post(f"/tasks/{task_id}/toggle", headers=_as(me))).status_code == 200
+    current = {**_as(me), "If-Match": '"3"'}
+    assert (await client.delete(f"/tasks/{task_id}", headers=current)).status_code == 204
+
+
+async def test_two_editors_of_one_version_one_wins_one_gets_412(
+    client: httpx.AsyncClient, users: tuple[str, str]
+) -> None:
+    me, _ = users
+    await _sign_up(client, me)
+    created = await client.post("/tasks", json={"title": "shared"}, headers=_as(me))
+    task_id, seen = created.json()["id"], created.headers["etag"]
+    headers = {**_as(me), "If-Match": seen}
+    first, second = await asyncio.gather(
+        client.patch(f"/tasks/{task_id}", json={"title": "from phone"}, headers=headers),
+        client.patch(f"/tasks/{task_id}", json={"title": "from laptop"}, headers=headers),
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 412]
+    winner = first if first.status_code == 200 else second
+    now = (await client.get(f"/tasks/{task_id}", headers=_as(me))).json()
+    assert now["title"] == winner.json()["title"]
+    assert now["version"] == 2

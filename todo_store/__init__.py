@@ -36,6 +36,12 @@ if TYPE_CHECKING:
     from todo_store.models import Base, Task, User
     from todo_store.owned import OwnedRepo
     from todo_store.pages import Page
+    from todo_store.replicas import (
+        ConsistencyToken,
+        ConsistencyTokenUnavailable,
+        ForeignConsistencyToken,
+        consistency_token,
+    )
     from todo_store.repositories import UNSET, TaskRepo, UserRepo
     from todo_store.schemas import (
         TaskCreate,
@@ -76,6 +82,10 @@ _HOMES = {
     "TodoStoreError": "errors",
     "TransactionConflict": "errors",
     "UserNotFound": "errors",
+    "ConsistencyToken": "replicas",
+    "ConsistencyTokenUnavailable": "replicas",
+    "ForeignConsistencyToken": "replicas",
+    "consistency_token": "replicas",
     "VersionConflict": "errors",
     "Base": "models",
     "Task": "models",
@@ -103,10 +113,13 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConflictError",
     "ConnectionRejected",
+    "ConsistencyToken",
+    "ConsistencyTokenUnavailable",
     "DatabaseError",
     "DatabaseUnavailable",
     "DuplicateKey",
     "EmailTaken",
+    "ForeignConsistencyToken",
     "InvalidData",
     "NotFoundError",
     "OwnedRepo",
@@ -134,6 +147,7 @@ __all__ = [
     "UserUpsert",
     "VersionConflict",
     "__version__",
+    "consistency_token",
     "create_engine",
     "create_sessionmaker",
 ]

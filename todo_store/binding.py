@@ -154,7 +154,8 @@ class CallByCallTransactions(AsyncSession):
 
     What `session(user_id=..., atomic=False)` yields: the binding needs a transaction, so
     each call gets one (BEGIN with the binding, the statement, COMMIT); a call takes effect by
-    itself and a failed one is rolled back alone, leaving the session usable.
+    itself and a failed one is rolled back alone, leaving the session usable. The test
+    fixture's non-atomic units override `_one_call` to use a savepoint per call instead.
     """
 
     _in_call = False  # scalar() and scalars() call execute(): one transaction is enough
@@ -182,13 +183,20 @@ class CallByCallTransactions(AsyncSession):
             return await call(*args, **kwargs)
         self._in_call = True
         try:
+            return await self._one_call(call, *args, **kwargs)
+        finally:
+            self._in_call = False
+
+    async def _one_call(
+        self, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run one call so that it takes effect by itself: here, a transaction of its own."""
+        try:
             result = await call(*args, **kwargs)
             await self.commit()
         except Exception:
             await self.rollback()
             raise
-        finally:
-            self._in_call = False
         return result
 
 

@@ -38,7 +38,7 @@ from todo_store.doctor import (
     schema_checks_rolled_back,
 )
 from todo_store.engine import create_engine
-from todo_store.errors import TaskNotFound
+from todo_store.errors import TaskNotFound, VersionConflict
 from todo_store.repositories import TaskRepo, UserRepo
 from todo_store.settings import Settings
 from todo_store.testing.postgres import create_database, provision_server
@@ -75,6 +75,23 @@ async def _tour(session: AsyncSession, say: Say) -> None:
         (task.id for task in created), reverse=True
     ):
         raise _TourFailed(f"pages {pages} are not Ada's tasks newest first")
+    by_title = await tasks.page(ada.id, sort="title", limit=3)
+    rest = await tasks.page(ada.id, sort="title", limit=3, cursor=by_title.next_cursor)
+    found = await tasks.page(ada.id, search="MILK")
+    say(
+        "page by title, 3 at a time: "
+        f"{[task.id for task in by_title.items]} then {[task.id for task in rest.items]}; "
+        f"search 'MILK': {[task.id for task in found.items]}"
+    )
+    if [task.id for task in found.items] != [created[0].id]:
+        raise _TourFailed("searching 'MILK' did not find exactly 'Buy milk'")
+    edited = await tasks.update(ada.id, created[1].id, title="Write the report")
+    try:
+        await tasks.update(ada.id, created[1].id, title="Stale edit", expected_version=1)
+    except VersionConflict as stale:
+        say(f"update #{edited.id} -> version {edited.version}; an edit expecting 1: {stale}")
+    else:
+        raise _TourFailed("an edit of a stale version was applied")
     total, done = await tasks.count_for(ada.id), await tasks.count_for(ada.id, completed=True)
     say(f"count_for Ada: {total} ({done} completed)")
 

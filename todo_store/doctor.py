@@ -43,6 +43,7 @@ from todo_store.engine import create_engine
 from todo_store.errors import UPGRADE_COMMAND, TodoStoreError
 from todo_store.pooler import PoolerFindings
 from todo_store.pooler import probe as probe_pooler
+from todo_store.replicas import inspect_replicas, replica_settings
 from todo_store.schema_checks import SCHEMA_CHECKS, UPGRADE_HINT, CheckResult, run_schema_checks
 from todo_store.settings import Settings
 from todo_store.urls import LOCAL_HOSTS, InvalidDatabaseURL, is_pooler_host, mask, to_asyncpg
@@ -312,6 +313,18 @@ async def _connection_checks(conn: AsyncConnection, settings: Settings) -> list[
     ]
 
 
+async def _replica_checks(settings: Settings) -> list[CheckResult]:
+    """One line per DATABASE_URL_REPLICA URL: a standby of this database, its lag, its pooler."""
+    findings = await inspect_replicas(settings, create_engine)
+    replicas = replica_settings(settings)
+    results = []
+    for number, (finding, replica) in enumerate(zip(findings, replicas, strict=True), 1):
+        _, pooler = await _pooler(replica)
+        detail = f"{finding.name}: {finding.detail}; pooler: {pooler.detail}"
+        results.append(CheckResult(f"replica {number}", finding.ok, detail, finding.hint))
+    return results
+
+
 def upgrade_hint(config: Path | None = None) -> str:
     """The migrate command that works here: `--config` only if no ./alembic.ini finds it."""
     found = migrations.find_config()
@@ -455,6 +468,7 @@ async def diagnose(settings: Settings, config: Path | None = None) -> list[Check
             await conn.close()
         results += [await _revision_check(settings, config), await _drift_check(settings, config)]
         results += await schema_checks_rolled_back(engine)
+        results += await _replica_checks(settings)
         return results
     finally:
         await engine.dispose()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import select
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text, util
-from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.engine import URL, Connection, Dialect, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -64,6 +65,15 @@ from todo_store.errors import (
     translate,
 )
 from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
+from todo_store.replicas import (
+    PositionReportingConnection,
+    PositionReportingSession,
+    ReplicaSet,
+    open_connections,
+    ran_on_replica,
+    track_writes,
+    write_unit,
+)
 from todo_store.settings import Settings
 from todo_store.urls import mask, to_asyncpg
 
@@ -89,6 +99,11 @@ def _unnamed_statement() -> str:
     return ""
 
 
+class StoreConnection(BoundConnection, PositionReportingConnection):
+    """The store's asyncpg connection: a unit's user binding rides on its BEGIN, a writing
+    unit's commit position on its COMMIT; every other query is sent unchanged."""
+
+
 def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     """The asyncpg URL and connect arguments `create_engine` uses (also used by migrations)."""
     target = to_asyncpg(settings.database_url.get_secret_value())
@@ -98,8 +113,9 @@ def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     # Client-side timeout: asyncpg cancels the statement on the server when it expires. A
     # `statement_timeout` startup parameter would be refused by PgBouncer.
     args["command_timeout"] = settings.statement_timeout
-    # Carries a unit's user binding in the BEGIN it sends anyway (see `binding`).
-    args["connection_class"] = BoundConnection
+    # Carries a unit's user binding in the BEGIN it sends anyway (see `binding`), and a
+    # writing unit's commit position in its COMMIT (consistency tokens, see `replicas`).
+    args["connection_class"] = StoreConnection
     if settings.statement_cache:
         args["statement_cache_size"] = settings.statement_cache_size
         args["prepared_statement_cache_size"] = settings.statement_cache_size
@@ -130,6 +146,7 @@ def create_engine(settings: Settings, **engine_kwargs: Any) -> AsyncEngine:
         first_connect_timeout=settings.connect_timeout,
         statement_timeout=settings.statement_timeout,
     )
+    answer_first_connect_from_startup(engine.sync_engine.dialect)
     return engine
 
 
@@ -171,14 +188,21 @@ def add_store_events(
 
 
 def create_sessionmaker(
-    engine: AsyncEngine, *, cursor_key: CursorKey | None = None
+    engine: AsyncEngine, *, cursor_key: CursorKey | None = None, **options: Any
 ) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit (nothing lazy-loads later).
 
-    `cursor_key` goes in each session's `info`, where `TaskRepo.page` finds it.
+    `cursor_key` goes in each session's `info`, where `TaskRepo.page` finds it; `options`
+    go to `async_sessionmaker` (e.g. `sync_session_class`).
     """
     info = {} if cursor_key is None else {CURSOR_KEY_INFO: cursor_key}
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info)
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info, **options)
+
+
+def _keyed(engine: AsyncEngine, key: CursorKey) -> AsyncEngine:
+    """`engine`, its connections holding the cursor key (a replica's, like the primary's)."""
+    _hand_cursor_key(engine, key)
+    return engine
 
 
 def _hand_cursor_key(engine: AsyncEngine, key: CursorKey) -> None:
@@ -188,6 +212,74 @@ def _hand_cursor_key(engine: AsyncEngine, key: CursorKey) -> None:
         record.info[CURSOR_KEY_INFO] = key
 
     event.listen(engine.sync_engine, "connect", on_connect)
+
+
+# -- first connect: no questions the server already answered -------------------------------
+
+_VERSION_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+def answer_first_connect_from_startup(dialect: Dialect) -> None:
+    """Make the engine's first connection cost no round trip for SQLAlchemy's questions.
+
+    SQLAlchemy's first connect asks the server four questions (`select version()`,
+    `select current_schema()`, `show transaction isolation level`, `show
+    standard_conforming_strings`) in a transaction it rolls back: 10 round trips with
+    caching off. Here they are answered without asking:
+
+    - the server version and `standard_conforming_strings` come from the parameters every
+      server (and PgBouncer) reports at login; if one is missing, the question is asked;
+    - the isolation level is never forced: a transaction begins with a plain BEGIN (the
+      server's default level) and a connection used with another level goes back to that,
+      instead of to a level read once from the first connection;
+    - the default schema is not asked (`dialect.default_schema_name` stays None): nothing in
+      the package relies on it; reflection and Alembic (migrations, `doctor`, `alembic
+      check`) run on the migrations' engine, which asks.
+    """
+    ask_version: Callable[[Connection], Any] = dialect._get_server_version_info
+    ask_escapes = dialect._set_backslash_escapes  # type: ignore[attr-defined]
+
+    def server_version(connection: Connection) -> tuple[int, ...]:
+        reported = _reported(connection, "server_version")
+        found = _VERSION_NUMBERS.match(reported or "")
+        if found is None:
+            return tuple(ask_version(connection))
+        return tuple(int(number) for number in found.groups() if number is not None)
+
+    def backslash_escapes(connection: Connection) -> None:
+        reported = _reported(connection, "standard_conforming_strings")
+        if reported is None:
+            ask_escapes(connection)
+        else:
+            dialect._backslash_escapes = reported == "off"  # type: ignore[attr-defined]
+
+    def server_default_level(_dbapi_connection: Any) -> str:
+        return "READ COMMITTED"  # PostgreSQL's default; never sent (see reset below)
+
+    reset_to_level = dialect.reset_isolation_level
+
+    def reset_to_server_default(dbapi_connection: Any) -> None:
+        if dialect._on_connect_isolation_level is not None:
+            reset_to_level(dbapi_connection)  # an engine made with isolation_level=...
+        else:
+            dbapi_connection.set_isolation_level(None)  # plain BEGIN: the server's default
+
+    answers: dict[str, Callable[..., Any]] = {
+        "_get_server_version_info": server_version,
+        "_set_backslash_escapes": backslash_escapes,
+        "_get_default_schema_name": lambda _connection: None,
+        "get_default_isolation_level": server_default_level,
+        "reset_isolation_level": reset_to_server_default,
+    }
+    for name, answer in answers.items():
+        setattr(dialect, name, answer)
+
+
+def _reported(connection: Connection, name: str) -> str | None:
+    """A parameter the server reported at login (ParameterStatus), if it did."""
+    driver = connection.connection.driver_connection
+    reported = getattr(driver.get_settings(), name, None) if driver is not None else None
+    return reported if isinstance(reported, str) else None
 
 
 # -- connect --------------------------------------------------------------------------------
@@ -618,15 +710,28 @@ class TodoStore:
             self.settings = settings_or_url
         else:
             self.settings = Settings(database_url=settings_or_url)
+        ReplicaSet.validate(self.settings)
         self.engine = create_engine(self.settings, **engine_kwargs)
+        track_writes(self.engine)
         key = cursor_key_for(self.settings.cursor_secret, self.settings.better_auth_secret)
         _hand_cursor_key(self.engine, key)
-        self.sessionmaker = create_sessionmaker(self.engine, cursor_key=key)
+        self.sessionmaker = create_sessionmaker(
+            self.engine, cursor_key=key, sync_session_class=PositionReportingSession
+        )
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._non_atomic = create_sessionmaker(self._autocommit_engine, cursor_key=key)
         self._read_only_engine = self.engine.execution_options(postgresql_readonly=True)
         self._read_only = create_sessionmaker(self._read_only_engine, cursor_key=key)
+        self.read_router = ReplicaSet(
+            self.settings,
+            primary=self.engine,
+            primary_read_only=self._read_only,
+            engines=lambda settings: _keyed(create_engine(settings, **engine_kwargs), key),
+            sessions=lambda engine: create_sessionmaker(engine, cursor_key=key),
+        )
+        # Each with its `engine` (instrumentation finds the engines a store holds this way).
+        self.replicas = self.read_router.replicas
 
     @classmethod
     def from_env(cls) -> TodoStore:
@@ -635,7 +740,12 @@ class TodoStore:
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False, user_id: str | None = None
+        self,
+        *,
+        atomic: bool = True,
+        read_only: bool = False,
+        user_id: str | None = None,
+        after: str | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """A unit of work.
 
@@ -657,8 +767,16 @@ class TodoStore:
 
         Raises `ValueError` naming the argument (before anything is sent) for `read_only`
         without `atomic`, or an invalid `user_id`.
+
+        `read_only=True` with `DATABASE_URL_REPLICA` set (and no `user_id`): on a replica that
+        is healthy and within `REPLICA_MAX_LAG`, else on the primary (see `replicas`). `after=`
+        a consistency token (`todo_store.consistency_token(session)` of an earlier unit): never
+        a state older than that unit's commit. A malformed token raises `ValueError`, one from
+        another database `ForeignConsistencyToken`, before any SQL is sent.
         """
         bound = unit_arguments(atomic=atomic, read_only=read_only, user_id=user_id)
+        if after is not None and not read_only:
+            raise ValueError("after= needs read_only=True (writes always go to the primary)")
         try:
             if bound is not None:
                 async with self._bound_unit(bound, atomic=atomic, read_only=read_only) as session:
@@ -673,10 +791,13 @@ class TodoStore:
                     if session.new or session.dirty or session.deleted:
                         await session.flush()
                 return
+            if read_only:
+                async with self.read_router.read_unit(after) as session:
+                    yield session
+                return
             # Closing without a commit rolls back, so the block that raises leaves nothing.
-            async with (self._read_only if read_only else self.sessionmaker)() as session:
+            async with write_unit(self.sessionmaker, self.read_router.learn) as session:
                 yield session
-                await session.commit()
         except exc.TimeoutError:  # only the pool raises SQLAlchemy's TimeoutError
             raise self._pool_exhausted() from None
 
@@ -688,6 +809,17 @@ class TodoStore:
         bind = engine.execution_options(**{USER_OPTION: user_id})
         session_class = AsyncSession if atomic else CallByCallTransactions
         info = dict(self.sessionmaker.kw.get("info") or {})  # the cursor key, as unbound units
+        if atomic and not read_only:  # a write unit: its COMMIT reports a consistency token
+            maker = async_sessionmaker(
+                bind,
+                expire_on_commit=False,
+                autoflush=False,
+                info=info,
+                sync_session_class=PositionReportingSession,
+            )
+            async with write_unit(maker, self.read_router.learn) as session:
+                yield session
+            return
         async with session_class(
             bind=bind, expire_on_commit=False, autoflush=False, info=info
         ) as session:
@@ -701,21 +833,30 @@ class TodoStore:
         *,
         attempts: int = 3,
         user_id: str | None = None,
+        read_only: bool = False,
+        after: str | None = None,
     ) -> T:
         """Run `work(session)` in one atomic unit of work and return its result.
 
         On `TransactionConflict` (serialization failure, deadlock: nothing was committed) the
         whole unit of work runs again, up to `attempts` times in all, after a short random
         backoff. Nothing else is retried: not `DatabaseUnavailable`, never
-        `CommitOutcomeUnknown`. `user_id` binds the unit to that user, as in `session()`.
+        `CommitOutcomeUnknown` — except that a read-only unit (`read_only=True`, `after=` as
+        for `session`) whose replica fails with `DatabaseUnavailable` runs again at once, on
+        the primary or a healthy replica. `user_id` binds the unit to that user, as in
+        `session()`.
         """
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         unit_arguments(atomic=True, read_only=False, user_id=user_id)
         delay = _RETRY_FIRST_DELAY_S
         for attempt in range(1, attempts + 1):
+            on_replica = False
             try:
-                async with self.session(user_id=user_id) as session:
+                async with self.session(
+                    user_id=user_id, read_only=read_only, after=after
+                ) as session:
+                    on_replica = ran_on_replica(session)
                     return await work(session)
             except TransactionConflict as conflict:
                 if attempt == attempts:
@@ -729,6 +870,10 @@ class TodoStore:
                         "sqlstate": conflict.sqlstate,
                     },
                 )
+            except DatabaseUnavailable:
+                if not on_replica or attempt == attempts:
+                    raise
+                continue  # that replica is out of rotation now: no backoff needed
             # Jitter, not security: spreads the retries of the conflicting units apart.
             await asyncio.sleep(random.uniform(0, delay))  # noqa: S311
             delay = min(delay * 2, _RETRY_MAX_DELAY_S)
@@ -760,8 +905,21 @@ class TodoStore:
             "units of work sooner, or raise POOL_SIZE within the server's or pooler's limits"
         )
 
+    async def warm(self, n: int) -> None:
+        """Open n connections at once, ahead of the first request (and n to each replica).
+
+        Raises `ValueError` if n is not between 1 and POOL_SIZE (more would be closed again
+        as soon as they are returned), and `DatabaseUnavailable` / `ConnectionRejected` when
+        the primary cannot be reached. A replica that cannot is logged and skipped, as by
+        reads.
+        """
+        if not 1 <= n <= self.settings.pool_size:
+            raise ValueError(f"n: expected 1 to POOL_SIZE ({self.settings.pool_size}), got {n}")
+        await asyncio.gather(open_connections(self.engine, n), self.read_router.warm(n))
+
     async def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (the replicas' too)."""
+        await self.read_router.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> TodoStore:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,9 +63,37 @@ class Settings(BaseSettings):
     )
     statement_cache_size: int = Field(default=100, ge=1)
 
-    @field_validator("database_url", "database_url_direct", mode="before")
+    database_url_replica: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Read replicas for `session(read_only=True)`: one URL, or several separated by "
+            "commas (pooled URLs and Neon console strings, as for DATABASE_URL)."
+        ),
+    )
+    replica_max_lag: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a replica may lag behind the primary before reads skip it.",
+    )
+    replica_check_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between checks of a replica's replay position, lag and health.",
+    )
+
+    @field_validator("database_url", "database_url_direct", "database_url_replica", mode="before")
     @classmethod
     def _not_blank(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _checks_within_lag(self) -> Settings:
+        # A replica's last check must be able to be younger than the lag it allows.
+        if self.replica_check_interval >= self.replica_max_lag:
+            raise ValueError(
+                "REPLICA_CHECK_INTERVAL must be less than REPLICA_MAX_LAG "
+                f"({self.replica_check_interval:g} >= {self.replica_max_lag:g} s)"
+            )
+        return self

@@ -3,7 +3,8 @@
 - `proxy`: a TCP proxy that counts round trips and injects latency (`RoundTripProxy`);
 - `secure_server`: a PostgreSQL cluster that accepts only TLS and SCRAM passwords, with
   `certificates` from a CA it generates;
-- `wire`: extended-protocol messages sent exactly as given, to see what a pooler makes of them.
+- `wire`: extended-protocol messages sent exactly as given, to see what a pooler makes of them;
+- `replica_cluster`: a throwaway primary and a streaming standby of it (`pg_basebackup -R`).
 
 Imported as `tests.rigs.<module>` (the repository root is on `sys.path`: pytest's `pythonpath`
 setting, and `python -m benchmarks` run from the root). What downstream suites use (the

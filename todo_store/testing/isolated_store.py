@@ -52,8 +52,9 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from todo_store.binding import unit_arguments
+from todo_store.binding import CallByCallTransactions, unit_arguments
 from todo_store.engine import TodoStore
+from todo_store.replicas import without_position
 from todo_store.settings import Settings
 from todo_store.testing.isolation import bound_scope
 
@@ -199,13 +200,21 @@ class IsolatedTodoStore(TodoStore):
 
     @asynccontextmanager
     async def session(
-        self, *, atomic: bool = True, read_only: bool = False, user_id: str | None = None
+        self,
+        *,
+        atomic: bool = True,
+        read_only: bool = False,
+        user_id: str | None = None,
+        after: str | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """A unit of work inside the test's transaction; see the module docstring.
 
         `user_id`: bound to that user under row-level security (`testing.isolation.bound_scope`).
+        `after=` is accepted and needs nothing: every unit sees the test's own writes.
         """
         bound = unit_arguments(atomic=atomic, read_only=read_only, user_id=user_id)
+        if after is not None and not read_only:
+            raise ValueError("after= needs read_only=True (writes always go to the primary)")
         if asyncio.get_running_loop() is not self._fixture_loop:
             raise RuntimeError(_OTHER_LOOP)
         async with self._units.turn():
@@ -220,6 +229,9 @@ class IsolatedTodoStore(TodoStore):
                 unit = _bound(self.connection, bound, unit)
             async with unit as session:
                 yield session
+            if atomic and not read_only:
+                # Every unit here sees the test's writes: no token is needed to read them.
+                without_position(session)
 
     @asynccontextmanager
     async def _read_only_unit(self) -> AsyncIterator[AsyncSession]:
@@ -264,7 +276,7 @@ class IsolatedTodoStore(TodoStore):
         await self._units.drain()
 
 
-class CallByCallSession(AsyncSession):
+class CallByCallSession(CallByCallTransactions):
     """An `AsyncSession` whose every call runs in a savepoint of its own.
 
     The savepoint is released when the call succeeds and rolled back when it fails, so a call
@@ -272,35 +284,11 @@ class CallByCallSession(AsyncSession):
     transaction, what an autocommit session guarantees.
     """
 
-    _in_call = False  # scalar() and scalars() call execute(): one savepoint is enough
-
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().execute, *args, **kwargs)
-
-    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().scalar, *args, **kwargs)
-
-    async def scalars(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().scalars, *args, **kwargs)
-
-    async def get(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().get, *args, **kwargs)
-
-    async def get_one(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().get_one, *args, **kwargs)
-
-    async def run_sync(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._alone(super().run_sync, *args, **kwargs)
-
-    async def _alone(self, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        if self._in_call:
+    async def _one_call(
+        self, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        async with self.begin_nested():
             return await call(*args, **kwargs)
-        self._in_call = True
-        try:
-            async with self.begin_nested():
-                return await call(*args, **kwargs)
-        finally:
-            self._in_call = False
 
 
 @asynccontextmanager
