@@ -100,7 +100,9 @@ def resending_class(
         "_open_replacement": staticmethod(open_replacement),
         "_engine_ref": staticmethod(engine_ref),
     }
-    return type(f"Resending{adapter_class.__name__}", (_ResendingBegin, adapter_class), namespace)
+    return type(
+        f"Resending{adapter_class.__name__}", (_ResendingFirstRoundTrip, adapter_class), namespace
+    )
 
 
 _fresh: weakref.WeakSet[Any] = weakref.WeakSet()  # asyncpg connections not used since checkout
@@ -123,7 +125,7 @@ def _first_round_trip(driver: Any) -> bool:
     return fresh
 
 
-class _ResendingBegin:
+class _ResendingFirstRoundTrip:
     """Mixin for SQLAlchemy's asyncpg adapter: see the module docstring."""
 
     __slots__ = ()
@@ -159,10 +161,11 @@ class _ResendingBegin:
         old = self._connection
         # With caching off, a non-atomic unit's first round trip is Parse/Describe/Sync: it
         # executes nothing. With caching on it may be the Bind/Execute of a cached statement.
+        first = _first_round_trip(old)  # asked on every prepare: the marker never lingers
         resendable = (
-            self.isolation_level == "autocommit"
+            first
+            and self.isolation_level == "autocommit"
             and self._prepared_statement_cache is None
-            and _first_round_trip(old)
         )
         try:
             return await super()._prepare(operation, invalidate_timestamp)  # type: ignore[misc]
