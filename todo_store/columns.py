@@ -89,15 +89,17 @@ def _rule(column_type: types.TypeEngine[Any]) -> Any:
         if isinstance(column_type, kind):
             return rule
     if isinstance(column_type, types.Numeric):  # after Float, which is a Numeric
+        # The constraints come first: they belong to the Decimal schema, which the
+        # BeforeValidator then wraps (pydantic 2.9 cannot put them on a wrapped schema).
         return Annotated[
             decimal.Decimal,
-            BeforeValidator(_int_to_decimal),  # an int is a fine Decimal; "1.5" is not
             Field(
                 strict=True,
                 max_digits=column_type.precision,
                 decimal_places=column_type.scale,
                 allow_inf_nan=False,
             ),
+            BeforeValidator(_int_to_decimal),  # an int is a fine Decimal; "1.5" is not
         ]
     if isinstance(column_type, types.String):  # Text, Unicode and String(n)
         return Annotated[
