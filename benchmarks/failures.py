@@ -11,7 +11,9 @@ PgBouncer: Debian's 1.18 on PATH or /usr/sbin, 1.25 from `TODO_STORE_PGBOUNCER_T
    `ping()`; logins attempted per second during it, and the time from the database being
    reachable again to the first successful call, direct and through PgBouncer 1.25;
 3. a restart under load: 100 cycles of "fill a pool of 4, `pg_terminate_backend` all of them,
-   run one atomic unit at once": how many units fail.
+   run one atomic unit at once", direct and through PgBouncer 1.25: how many units fail,
+   and how many connections were
+   replaced under a unit's first round trip (the goodbye had not arrived at checkout).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tests.rigs.outage import Forwarder
-from todo_store import DatabaseUnavailable, Settings, TodoStore, TodoStoreError
+from todo_store import DatabaseUnavailable, Settings, TodoStore, TodoStoreError, resend
 from todo_store.testing.pgbouncer import PgBouncer, tracking_binary
 from todo_store.testing.postgres import create_database, drop_database, server_from_url
 
@@ -186,11 +188,24 @@ async def outage(url: str, database: str, via: str, seconds: float) -> None:
     )
 
 
-async def restart_under_load(url: str, cycles: int) -> None:
-    failed = 0
+async def restart_under_load(url: str, database: str, cycles: int) -> None:
+    print("\n## Restart under load\n")
+    await _restart_under_load(url, url, "direct", cycles)
+    with PgBouncer(server_from_url(url, "env"), database, binary=tracking_binary()) as bouncer:
+        await _restart_under_load(bouncer.url, url, "PgBouncer 1.25", cycles)
+
+
+async def _restart_under_load(url: str, admin_url: str, via: str, cycles: int) -> None:
+    failed = skipped = 0
     errors: set[str] = set()
     async with TodoStore(_settings(url, pool_size=4, max_overflow=0)) as store:
-        admin = await asyncpg.connect(url)
+        resent = [0]
+
+        def replaced() -> None:
+            resent[0] += 1
+
+        resend.on_replacement(store.engine.sync_engine, replaced)
+        admin = await asyncpg.connect(admin_url)
         try:
             for _ in range(cycles):
                 barrier = asyncio.Barrier(4)
@@ -208,6 +223,7 @@ async def restart_under_load(url: str, cycles: int) -> None:
                 except* DatabaseUnavailable:  # a connection of the last cycle's; not measured
                     filled = False
                 if not filled:
+                    skipped += 1
                     continue
                 pids = [holder.result() for holder in holders]
                 await admin.execute(
@@ -221,7 +237,11 @@ async def restart_under_load(url: str, cycles: int) -> None:
                     errors.add(str(error)[:100])
         finally:
             await admin.close()
-    print(f"\n## Restart under load\n\n{failed} of {cycles} units failed: {sorted(errors)}")
+    print(
+        f"- {via}: {failed} of {cycles - skipped} units failed "
+        f"({skipped} cycles skipped: the pool could not be filled); {resent[0]} connections "
+        f"replaced under a unit's first round trip (fills included): {sorted(errors)}"
+    )
 
 
 async def main(arguments: argparse.Namespace) -> None:
@@ -242,7 +262,7 @@ async def main(arguments: argparse.Namespace) -> None:
             for via in ("direct", "pgbouncer-1.25"):
                 await outage(url, database, via, arguments.outage)
         if "restart" in arguments.only:
-            await restart_under_load(url, arguments.cycles)
+            await restart_under_load(url, database, arguments.cycles)
     finally:
         await drop_database(admin_url, database)
 

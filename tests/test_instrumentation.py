@@ -44,6 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.util import await_only
 from wrapt import FunctionWrapper
 
 from todo_store import (
@@ -648,3 +649,40 @@ async def test_nothing_secret_in_a_traced_request(
     logging.getLogger("todo_store").info("a record the handler exports")  # the scan sees logs
     assert telemetry.logs.get_finished_logs()
     secrets.assert_absent(telemetry)
+
+
+async def test_a_connection_replaced_under_a_units_first_round_trip_is_counted(
+    todo_store_settings: Settings, telemetry: Telemetry
+) -> None:
+    """The pool slot keeps its place (the pool sees no invalidation), so the replacement is
+    counted by the store: `replacements{reason="dead_at_first_use"}`."""
+    url = todo_store_settings.database_url.get_secret_value()
+    async with TodoStore(todo_store_settings) as store:
+        async with store.session() as session:
+            await session.execute(text("SELECT 1"))
+        killed: list[int] = []
+
+        @event.listens_for(store.engine.sync_engine, "begin")
+        def kill_before_the_begin(conn: Any) -> None:
+            if not killed:
+                killed.append(conn.connection.driver_connection.get_server_pid())
+                await_only(_terminate_and_wait(url, killed[0]))
+
+        async with store.session() as session:
+            await session.execute(text("SELECT 1"))
+    assert killed
+    assert (
+        _sum(
+            telemetry.points("todo_store.connection.replacements"),
+            todo_store__connection__replace_reason="dead_at_first_use",
+        )
+        == 1
+    )
+
+
+async def _terminate_and_wait(url: str, pid: int) -> None:
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1, 5000)", pid)
+    finally:
+        await admin.close()

@@ -92,6 +92,10 @@ class BoundConnection(asyncpg.Connection):
         """Bind the next transaction to `user_id`, or to nobody (`None`)."""
         self._pending_user = user_id
 
+    def pending_binding(self) -> str | None:
+        """The user id the next BEGIN will bind (None: nobody)."""
+        return self._pending_user
+
     async def execute(
         self,
         query: str,

@@ -8,7 +8,9 @@ Guarantees, whatever pooler sits in front of PostgreSQL:
   (the binding rides on the BEGIN), and 4 per call when not (a bound transaction per call);
 - a connection that died while pooled (a Neon compute suspend or a pooler restart kills them
   all) is replaced at checkout, before any caller code runs, without sending anything, and
-  only that one: a loss never throws healthy connections away;
+  only that one: a loss never throws healthy connections away; a unit whose first round trip
+  (one that runs nothing) still meets a closed connection sends it again on a new one
+  (`todo_store.resend`);
 - while connects fail, a process makes at most about one attempt per second (jittered
   backoff), and callers that need a connection meanwhile get `DatabaseUnavailable` at once;
 - database errors reach callers as `todo_store.errors` exceptions; `CancelledError`,
@@ -30,7 +32,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text, util
-from sqlalchemy.engine import URL, Connection, Dialect, ExceptionContext
+from sqlalchemy.engine import URL, Connection, Dialect, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -39,6 +41,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from todo_store import resend
 from todo_store.binding import (
     USER_OPTION,
     BoundConnection,
@@ -171,8 +174,9 @@ def add_store_events(
     """
     sync_engine = engine.sync_engine
     gate = ConnectGate()
-    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout))
+    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout, sync_engine))
     event.listen(sync_engine, "checkout", _reject_dead_connection)
+    event.listen(sync_engine, "before_cursor_execute", _executemany_is_not_resent)
     event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", _forget_commit)
     event.listen(sync_engine, "commit", _mark_commit)
@@ -351,14 +355,51 @@ class _Connector:
     timeout: through a pooler that still accepts logins while its server is down, that is
     where the wait for the server happens (SQLAlchemy's own first queries would otherwise wait
     the statement timeout).
+
+    Each connection it opens can send its BEGIN again on a new connection when the BEGIN
+    meets a closed one (`todo_store.resend`); that new connection is opened here too.
     """
 
-    def __init__(self, gate: ConnectGate, first_connect_timeout: float) -> None:
+    def __init__(self, gate: ConnectGate, first_connect_timeout: float, engine: Engine) -> None:
         self.gate = gate
         self.first_connect_timeout = first_connect_timeout
         self.first_done = False
+        self.engine = engine
+        self._last_connect: tuple[Any, list[Any], dict[str, Any]] | None = None
+        self._resending: dict[type, type | None] = {}
 
     def __call__(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        self._last_connect = (dialect, list(cargs), dict(cparams))
+        connection = self._open(dialect, cargs, cparams)
+        resending = self._resending_class(type(connection))
+        if resending is not None:
+            connection.__class__ = resending
+        return connection
+
+    def _resending_class(self, adapter_class: type) -> type | None:
+        if adapter_class not in self._resending:
+            self._resending[adapter_class] = resend.resending_class(
+                adapter_class, self.engine, self._open_replacement
+            )
+        return self._resending[adapter_class]
+
+    def _open_replacement(self) -> Any:
+        """A new adapted connection for a pool slot whose connection was found closed: opened
+        with the last connect's arguments, through the gate, with the dialect's setup."""
+        if self._last_connect is None:  # pragma: no cover - a connection implies a connect
+            raise DatabaseUnavailable("no connection was ever opened to replace")
+        dialect, cargs, cparams = self._last_connect
+        connection = self._open(dialect, list(cargs), dict(cparams))
+        setup = dialect.on_connect()
+        try:
+            if setup is not None:
+                setup(connection)
+        except BaseException:
+            connection.driver_connection.terminate()
+            raise
+        return connection
+
+    def _open(self, dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         tls = cparams.pop(_TLS_INTENT, None)
         self.gate.enter()
         started = time.monotonic()
@@ -431,6 +472,16 @@ def _reject_dead_connection(
             extra={"todo_store_event": "connection_replaced", "found": "checkout"},
         )
         raise exc.DisconnectionError("the server closed this pooled connection")
+    # Its goodbye may still be on the way: the unit's first round trip, if it can have
+    # executed nothing, is sent again on a new connection when it meets a closed one.
+    resend.checked_out(driver)
+
+
+def _executemany_is_not_resent(
+    conn: Connection, _cursor: Any, _statement: Any, _parameters: Any, _context: Any, many: bool
+) -> None:
+    if many and conn.connection.dbapi_connection is not None:
+        resend.not_resendable(conn.connection.driver_connection)
 
 
 def _has_unread_input(driver: asyncpg.Connection) -> bool:

@@ -28,6 +28,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
+from todo_store import resend
+
 # Attribute names of OpenTelemetry's database semantic conventions (stable since 1.33).
 DB_SYSTEM_NAME = "db.system.name"
 DB_NAMESPACE = "db.namespace"
@@ -124,6 +126,7 @@ class EngineState:
     listeners: list[tuple[Any, str, Callable[..., Any]]] = field(default_factory=list)
     pending: int = 0
     patched_pool: Any = None
+    stop_counting_resends: Callable[[], None] | None = None
     traces_sql: bool = False  # the SQLAlchemy tracing was added here, not found
 
 
@@ -161,7 +164,7 @@ class EngineTelemetry:
             "todo_store.connection.replacements",
             unit="{connection}",
             description="Connections discarded from the pool, by reason: dead_at_checkout, "
-            "lost, timed_out, interrupted, other.",
+            "dead_at_first_use, lost, timed_out, interrupted, other.",
         )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
@@ -238,6 +241,7 @@ class EngineTelemetry:
         listen(engine, "invalidate", self._on_invalidate(state))
         listen(engine, "engine_disposed", self._on_disposed(state))
         self._measure_waits(engine.pool, state)
+        state.stop_counting_resends = resend.on_replacement(engine, self._on_resend(state))
         if not event.contains(engine, "after_cursor_execute", sqlalchemy_tracing._after_cur_exec):
             # Its pool gauge is left out: `db.client.connection.count` is read from the pool.
             sqlalchemy_tracing.EngineTracer(  # type: ignore[no-untyped-call]
@@ -255,6 +259,8 @@ class EngineTelemetry:
                 _forget_sqlalchemy_listeners(engine)
             if state.patched_pool is not None:
                 vars(state.patched_pool).pop("connect", None)
+            if state.stop_counting_resends is not None:
+                state.stop_counting_resends()
         self._engines.clear()
 
     # -- pool metrics --------------------------------------------------------------------------
@@ -343,6 +349,15 @@ class EngineTelemetry:
             replacements.add(1, {**state.pool_attributes, REPLACE_REASON: reason})
 
         return invalidated
+
+    def _on_resend(self, state: EngineState) -> Callable[[], None]:
+        replacements = self._replacements
+
+        def replaced() -> None:
+            # The pool slot keeps its adapter, so the pool sees no invalidation: counted here.
+            replacements.add(1, {**state.pool_attributes, REPLACE_REASON: "dead_at_first_use"})
+
+        return replaced
 
     # -- SQL spans of failed statements ---------------------------------------------------------
 
