@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +44,8 @@ from todo_store import (
     UserRepo,
     resend,
 )
+from todo_store.connecting import CONNECT_BACKOFF_FIRST_S as _BACKOFF_FIRST_S
+from todo_store.connecting import CONNECT_BACKOFF_MAX_S as _BACKOFF_MAX_S
 from todo_store.testing.pgbouncer import PgBouncer
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer, server_from_url
@@ -464,11 +467,13 @@ async def test_failing_connects_are_bounded_and_recover(
             await store.ping()
             downed_server.down()
             failures = []
+            started = time.monotonic()
             for _ in range(50):
                 with pytest.raises(DatabaseUnavailable) as raised:
                     await store.ping()
                 failures.append(str(raised.value))
             attempts = logins.accepted - 1
+            elapsed = time.monotonic() - started
             downed_server.up()
 
             async def back() -> bool:
@@ -482,10 +487,25 @@ async def test_failing_connects_are_bounded_and_recover(
     finally:
         if bouncer is not None:
             bouncer.stop()
-    assert attempts <= 3, f"{attempts} logins during 50 failed calls"
+    # Without the backoff every failed call opens a login (50); with it, no more than the
+    # backoff's delays admit in the time the calls took (3 when they take under 0.15 s).
+    allowed = _attempts_allowed(elapsed)
+    assert attempts <= min(allowed, 10), f"{attempts} logins in {elapsed:.2f} s of 50 calls"
     assert any("next attempt in" in failure for failure in failures)
     assert "connect_failed" in _events(caplog)
     assert _events(caplog)[-1] == "connect_recovered"
+
+
+def _attempts_allowed(elapsed: float) -> int:
+    """The most connect attempts the backoff lets through in `elapsed` seconds: after the k-th
+    failure the next attempt waits at least half of min(first delay * 2**(k-1), max delay)."""
+    attempts, waited = 1, 0.0
+    while True:
+        wait = min(_BACKOFF_FIRST_S * 2 ** (attempts - 1), _BACKOFF_MAX_S) / 2
+        if waited + wait > elapsed:
+            return attempts
+        waited += wait
+        attempts += 1
 
 
 # --- nothing personal -----------------------------------------------------------------------

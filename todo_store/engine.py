@@ -23,16 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import select
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import event, exc, text, util
-from sqlalchemy.engine import URL, Connection, Dialect, Engine, ExceptionContext
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -49,20 +47,15 @@ from todo_store.binding import (
     add_binding_events,
     unit_arguments,
 )
-from todo_store.connect_errors import (
-    driver_error,
-    error_chain,
-    explain_connect_failure,
-    pooler_cannot_reach_server,
+from todo_store.connecting import (
+    TLS_INTENT,
+    ConnectGate,
+    Connector,
+    answer_first_connect_from_startup,
 )
 from todo_store.errors import (
-    DISCONNECT_SQLSTATE_CLASSES,
-    CommitOutcomeUnknown,
     DatabaseUnavailable,
-    TodoStoreError,
     TransactionConflict,
-    is_connection_loss,
-    translate,
 )
 from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
 from todo_store.replicas import (
@@ -75,22 +68,15 @@ from todo_store.replicas import (
     write_unit,
 )
 from todo_store.settings import Settings
+from todo_store.statement_errors import ErrorHook, forget_commit, mark_commit
 from todo_store.urls import mask, to_asyncpg
 
 log = logging.getLogger("todo_store")
 
 T = TypeVar("T")
 
-_TLS_INTENT = "todo_store_tls_intent"
-_COMMITTING = "todo_store.committing"  # set in Connection.info while a COMMIT is in flight
 _RETRY_FIRST_DELAY_S = 0.02
 _RETRY_MAX_DELAY_S = 1.0
-# Connect backoff while connects fail: the first retry after ~50 ms, doubling, never more than
-# 1 s apart, so the first call after the database is back waits at most ~1 s for its attempt.
-_CONNECT_BACKOFF_FIRST_S = 0.05
-_CONNECT_BACKOFF_MAX_S = 1.0
-# Statements that only read, when sent as text(): their failure never leaves a write behind.
-_READ_KEYWORDS = frozenset({"select", "show", "values", "table", "explain"})
 
 
 def _unnamed_statement() -> str:
@@ -109,7 +95,7 @@ def connect_args_for(settings: Settings) -> tuple[URL, dict[str, Any]]:
     target = to_asyncpg(settings.database_url.get_secret_value())
     args: dict[str, Any] = {"timeout": settings.connect_timeout, **target.connect_args}
     # Not for asyncpg: `_connect` takes it out again, to say why a certificate was verified.
-    args[_TLS_INTENT] = target.tls
+    args[TLS_INTENT] = target.tls
     # Client-side timeout: asyncpg cancels the statement on the server when it expires. A
     # `statement_timeout` startup parameter would be refused by PgBouncer.
     args["command_timeout"] = settings.statement_timeout
@@ -174,16 +160,16 @@ def add_store_events(
     """
     sync_engine = engine.sync_engine
     gate = ConnectGate()
-    event.listen(sync_engine, "do_connect", _Connector(gate, first_connect_timeout, sync_engine))
+    event.listen(sync_engine, "do_connect", Connector(gate, first_connect_timeout, sync_engine))
     event.listen(sync_engine, "checkout", _reject_dead_connection)
     event.listen(sync_engine, "before_cursor_execute", _executemany_is_not_resent)
     event.listen(sync_engine, "checkin", gate.database_answered)
-    event.listen(sync_engine, "begin", _forget_commit)
-    event.listen(sync_engine, "commit", _mark_commit)
+    event.listen(sync_engine, "begin", forget_commit)
+    event.listen(sync_engine, "commit", mark_commit)
     # A timed-out connection gets this long to close gracefully (its cancel request answered):
     # 1% of the statement timeout, at least 20 ms, at most 100 ms.
     close_budget = min(max(statement_timeout * 0.01, 0.02), 0.1)
-    event.listen(sync_engine, "handle_error", _ErrorHook(gate, close_budget))
+    event.listen(sync_engine, "handle_error", ErrorHook(gate, close_budget))
     add_binding_events(engine)
 
 
@@ -212,242 +198,6 @@ def _hand_cursor_key(engine: AsyncEngine, key: CursorKey) -> None:
         record.info[CURSOR_KEY_INFO] = key
 
     event.listen(engine.sync_engine, "connect", on_connect)
-
-
-# -- first connect: no questions the server already answered -------------------------------
-
-_VERSION_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
-
-
-def answer_first_connect_from_startup(dialect: Dialect) -> None:
-    """Make the engine's first connection cost no round trip for SQLAlchemy's questions.
-
-    SQLAlchemy's first connect asks the server four questions (`select version()`,
-    `select current_schema()`, `show transaction isolation level`, `show
-    standard_conforming_strings`) in a transaction it rolls back: 10 round trips with
-    caching off. Here they are answered without asking:
-
-    - the server version and `standard_conforming_strings` come from the parameters every
-      server (and PgBouncer) reports at login; if one is missing, the question is asked;
-    - the isolation level is never forced: a transaction begins with a plain BEGIN (the
-      server's default level) and a connection used with another level goes back to that,
-      instead of to a level read once from the first connection;
-    - the default schema is not asked (`dialect.default_schema_name` stays None): nothing in
-      the package relies on it; reflection and Alembic (migrations, `doctor`, `alembic
-      check`) run on the migrations' engine, which asks.
-    """
-    ask_version: Callable[[Connection], Any] = dialect._get_server_version_info
-    ask_escapes = dialect._set_backslash_escapes  # type: ignore[attr-defined]
-
-    def server_version(connection: Connection) -> tuple[int, ...]:
-        reported = _reported(connection, "server_version")
-        found = _VERSION_NUMBERS.match(reported or "")
-        if found is None:
-            return tuple(ask_version(connection))
-        return tuple(int(number) for number in found.groups() if number is not None)
-
-    def backslash_escapes(connection: Connection) -> None:
-        reported = _reported(connection, "standard_conforming_strings")
-        if reported is None:
-            ask_escapes(connection)
-        else:
-            dialect._backslash_escapes = reported == "off"  # type: ignore[attr-defined]
-
-    def server_default_level(_dbapi_connection: Any) -> str:
-        return "READ COMMITTED"  # PostgreSQL's default; never sent (see reset below)
-
-    reset_to_level = dialect.reset_isolation_level
-
-    def reset_to_server_default(dbapi_connection: Any) -> None:
-        if dialect._on_connect_isolation_level is not None:
-            reset_to_level(dbapi_connection)  # an engine made with isolation_level=...
-        else:
-            dbapi_connection.set_isolation_level(None)  # plain BEGIN: the server's default
-
-    answers: dict[str, Callable[..., Any]] = {
-        "_get_server_version_info": server_version,
-        "_set_backslash_escapes": backslash_escapes,
-        "_get_default_schema_name": lambda _connection: None,
-        "get_default_isolation_level": server_default_level,
-        "reset_isolation_level": reset_to_server_default,
-    }
-    for name, answer in answers.items():
-        setattr(dialect, name, answer)
-
-
-def _reported(connection: Connection, name: str) -> str | None:
-    """A parameter the server reported at login (ParameterStatus), if it did."""
-    driver = connection.connection.driver_connection
-    reported = getattr(driver.get_settings(), name, None) if driver is not None else None
-    return reported if isinstance(reported, str) else None
-
-
-# -- connect --------------------------------------------------------------------------------
-
-
-class ConnectGate:
-    """While connects fail, a process makes a bounded number of attempts (one per engine).
-
-    After a failed attempt (refused, timed out, or a pooler that cannot reach its server) the
-    next one waits a jittered, doubling delay (50 ms up to 1 s); callers that need a new
-    connection before then fail at once with `DatabaseUnavailable`, saying why and when the
-    next attempt is, instead of each opening a login of its own. A connection that comes back
-    to the pool healthy, or a connect that succeeds, opens the gate again.
-    """
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self._next_attempt = 0.0
-        self._reason = ""
-        self._attempt_in_flight = False
-
-    def enter(self) -> None:
-        """Raise `DatabaseUnavailable` if no attempt may be made now; else mark one in flight."""
-        if self.failures:
-            wait = self._next_attempt - time.monotonic()
-            if wait > 0 or self._attempt_in_flight:
-                raise DatabaseUnavailable(
-                    f"not connecting yet: the last {self.failures} connect attempt(s) failed, "
-                    f"next attempt in {max(wait, 0.0):.2f} s; last failure: {self._reason}"
-                )
-        self._attempt_in_flight = True
-
-    def failed(self, reason: str) -> None:
-        self._attempt_in_flight = False
-        delay = min(_CONNECT_BACKOFF_FIRST_S * 2**self.failures, _CONNECT_BACKOFF_MAX_S)
-        # Jitter, not security: spreads the processes of a fleet apart.
-        delay = random.uniform(delay / 2, delay)  # noqa: S311
-        self.failures += 1
-        self._next_attempt = time.monotonic() + delay
-        self._reason = reason
-        log.warning(
-            "database connect failed; next attempt in %.2f s",
-            delay,
-            extra={
-                "todo_store_event": "connect_failed",
-                "failures_in_a_row": self.failures,
-                "retry_in_s": round(delay, 3),
-                "reason": reason,
-            },
-        )
-
-    def connected(self) -> None:
-        self._attempt_in_flight = False
-
-    def database_answered(self, dbapi_connection: Any, _record: Any = None) -> None:
-        """A connection came back healthy (pool checkin): the database is reachable."""
-        if self.failures and dbapi_connection is not None:
-            log.info(
-                "database reachable again after %d failed connect(s)",
-                self.failures,
-                extra={"todo_store_event": "connect_recovered", "failures": self.failures},
-            )
-            self.failures = 0
-
-
-class _Connector:
-    """The engine's `do_connect`: open a connection through the `ConnectGate`; a failure
-    becomes `ConnectionRejected` (no retry can fix it) or `DatabaseUnavailable` (transient),
-    with the server's or pooler's reason and what to do.
-
-    SQLAlchemy passes connect errors through untranslated, so `handle_error` never sees them.
-    The engine's first connection is also checked with one round trip within the connect
-    timeout: through a pooler that still accepts logins while its server is down, that is
-    where the wait for the server happens (SQLAlchemy's own first queries would otherwise wait
-    the statement timeout).
-
-    Each connection it opens can send its BEGIN again on a new connection when the BEGIN
-    meets a closed one (`todo_store.resend`); that new connection is opened here too.
-    """
-
-    def __init__(self, gate: ConnectGate, first_connect_timeout: float, engine: Engine) -> None:
-        self.gate = gate
-        self.first_connect_timeout = first_connect_timeout
-        self.first_done = False
-        self.engine = engine
-        self._last_connect: tuple[Any, list[Any], dict[str, Any]] | None = None
-        self._resending: dict[type, type | None] = {}
-
-    def __call__(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-        self._last_connect = (dialect, list(cargs), dict(cparams))
-        connection = self._open(dialect, cargs, cparams)
-        resending = self._resending_class(type(connection))
-        if resending is not None:
-            connection.__class__ = resending
-        return connection
-
-    def _resending_class(self, adapter_class: type) -> type | None:
-        if adapter_class not in self._resending:
-            self._resending[adapter_class] = resend.resending_class(
-                adapter_class, self.engine, self._open_replacement
-            )
-        return self._resending[adapter_class]
-
-    def _open_replacement(self) -> Any:
-        """A new adapted connection for a pool slot whose connection was found closed: opened
-        with the last connect's arguments, through the gate, with the dialect's setup."""
-        if self._last_connect is None:  # pragma: no cover - a connection implies a connect
-            raise DatabaseUnavailable("no connection was ever opened to replace")
-        dialect, cargs, cparams = self._last_connect
-        connection = self._open(dialect, list(cargs), dict(cparams))
-        setup = dialect.on_connect()
-        try:
-            if setup is not None:
-                setup(connection)
-        except BaseException:
-            connection.driver_connection.terminate()
-            raise
-        return connection
-
-    def _open(self, dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-        tls = cparams.pop(_TLS_INTENT, None)
-        self.gate.enter()
-        started = time.monotonic()
-        try:
-            connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
-            if not self.first_done:
-                remaining = self.first_connect_timeout - (time.monotonic() - started)
-                self._first_round_trip(connection, max(remaining, 0.001))
-        except _FirstQueryTimedOut as error:
-            self.gate.failed(str(error))
-            raise DatabaseUnavailable(str(error)) from None
-        except Exception as error:
-            explained = explain_connect_failure(error, tls=tls, password=cparams.get("password"))
-            if explained is None:
-                self.gate.connected()
-                raise
-            if isinstance(explained, DatabaseUnavailable):
-                self.gate.failed(str(explained))
-            else:
-                self.gate.connected()
-            raise explained from error
-        except BaseException:
-            self.gate.connected()
-            raise
-        self.first_done = True
-        self.gate.connected()
-        return connection
-
-    @staticmethod
-    def _first_round_trip(connection: Any, timeout: float) -> None:
-        driver = connection.driver_connection
-        try:
-            util.await_only(driver.execute("SELECT 1", timeout=timeout))
-        except TimeoutError:
-            driver.terminate()
-            raise _FirstQueryTimedOut() from None
-        except BaseException:
-            driver.terminate()
-            raise
-
-
-class _FirstQueryTimedOut(DatabaseUnavailable):
-    def __init__(self) -> None:
-        super().__init__(
-            "could not connect: the login was accepted but the first query got no answer within "
-            "the connect timeout (connect_timeout); through a pooler, its database server may be "
-            "suspended, starting or down, or every server connection busy — retry later"
-        )
 
 
 # -- checkout: dead connections are found without a round trip -----------------------------
@@ -500,196 +250,6 @@ def _has_unread_input(driver: asyncpg.Connection) -> bool:
         return bool(poller.poll(0))
     readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
     return bool(readable)
-
-
-# -- commit tracking: an interrupted COMMIT has an unknown outcome ---------------------------
-
-
-def _mark_commit(conn: Connection) -> None:
-    conn.info[_COMMITTING] = True
-
-
-def _forget_commit(conn: Connection) -> None:
-    conn.info.pop(_COMMITTING, None)
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-def _driver_error(error: BaseException) -> BaseException:
-    return driver_error(error) or error
-
-
-def _is_disconnect(error: BaseException) -> bool:
-    found = _driver_error(error)
-    if is_connection_loss(error) or is_connection_loss(found):
-        return True
-    if any(isinstance(e, asyncpg.ConnectionDoesNotExistError) for e in error_chain(error)):
-        return True
-    if isinstance(found, asyncpg.InterfaceError) and "closed" in str(found):
-        return True  # asyncpg's "connection is closed": its own fixed text, not the server's
-    sqlstate = getattr(found, "sqlstate", None) or ""
-    return sqlstate.startswith(DISCONNECT_SQLSTATE_CLASSES)
-
-
-def _connection_info(context: ExceptionContext) -> dict[Any, Any] | None:
-    """The failed Connection's `info`, or None where there is none: SQLAlchemy's first-connect
-    queries run on an ad hoc connection whose `info` raises."""
-    conn = context.connection
-    if conn is None:
-        return None
-    try:
-        return conn.info
-    except (NotImplementedError, AttributeError, exc.SQLAlchemyError):
-        return None
-
-
-def _outcome_unknown(context: ExceptionContext) -> bool:
-    """True when the failed operation may have committed: a COMMIT, or a statement that may
-    write and commits by itself (autocommit). A read never has an unknown outcome."""
-    info = _connection_info(context)
-    if info is None:
-        return False
-    if info.get(_COMMITTING):
-        return True
-    conn = context.connection
-    execution = context.execution_context
-    if conn is None or execution is None:
-        return False
-    # The execution option, not get_isolation_level(): that would query the server.
-    if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-        return False
-    return not _is_read(execution)
-
-
-def _is_read(execution: Any) -> bool:
-    compiled = execution.compiled
-    statement = getattr(compiled, "statement", None)
-    if statement is not None and getattr(statement, "is_select", False):
-        return True
-    if execution.isinsert or execution.isupdate or execution.isdelete or execution.isddl:
-        return False
-    words = (getattr(execution, "statement", None) or "").split(None, 1)
-    return bool(words) and words[0].lower() in _READ_KEYWORDS
-
-
-def _strip_details(error: BaseException) -> None:
-    """Remove the server's DETAIL (e.g. `Key (email)=(…)`, `Failing row contains (…)`) from
-    every exception in the chain a caller will see: it quotes the row's values."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, asyncpg.PostgresError):
-            current.detail = None
-            current.hint = None
-        elif isinstance(current, Exception) and current.args and isinstance(current.args[0], str):
-            first_line = current.args[0].split("\n", 1)[0]
-            current.args = (first_line, *current.args[1:])
-        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
-
-
-class _ErrorHook:
-    """`handle_error`: replace every driver error with the package's own (`errors.translate`).
-
-    `CancelledError`, `KeyboardInterrupt` and `SystemExit` are never converted (SQLAlchemy
-    treats them as a disconnect, so the interrupted connection is discarded, not pooled). The
-    errors of a `pool_pre_ping` are left to SQLAlchemy, which reconnects.
-    """
-
-    def __init__(self, gate: ConnectGate, close_budget: float) -> None:
-        self.gate = gate
-        self.close_budget = close_budget
-
-    def _close_timed_out(self, context: ExceptionContext) -> None:
-        """Close a timed-out connection within `close_budget`, then drop it.
-
-        asyncpg has already asked the server to cancel the statement; a graceful close waits
-        for that cancel to be answered, which a pooler holding the statement in its queue may
-        never do (SQLAlchemy would wait 2 s more). So the close is bounded, and the timeout
-        the caller set is the time the caller waits.
-        """
-        proxied = context.connection.connection if context.connection is not None else None
-        driver = getattr(proxied, "driver_connection", None)
-        if not isinstance(driver, asyncpg.Connection) or driver.is_closed():
-            return
-        util.await_only(_close_within(driver, self.close_budget))
-
-    def __call__(self, context: ExceptionContext) -> None:
-        error = context.original_exception
-        if not isinstance(error, Exception) or context.is_pre_ping:
-            return
-        if isinstance(error, TodoStoreError):
-            return
-        timed_out = isinstance(error, TimeoutError) or isinstance(
-            _driver_error(error), TimeoutError
-        )
-        if timed_out or context.is_disconnect or _is_disconnect(error):
-            self._connection_failed(context, error, timed_out=timed_out)
-        sqlstate = getattr(error, "sqlstate", None)
-        if sqlstate is None:
-            return  # not a server error (e.g. a programming error in SQLAlchemy usage)
-        found = _driver_error(error)
-        _strip_details(error)
-        raise translate(sqlstate, constraint=getattr(found, "constraint_name", None))
-
-    def _connection_failed(
-        self, context: ExceptionContext, error: Exception, *, timed_out: bool
-    ) -> None:
-        unknown = _outcome_unknown(context)
-        # A timed-out or broken connection is in an unknown state: discard it, and only it:
-        # the others are each checked at their next checkout, at no cost.
-        context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = False
-        reason = "timed out" if timed_out else _reason(error)
-        event_extra = {"todo_store_event": "connection_lost", "reason": reason}
-        if unknown:
-            log.error(
-                "commit outcome unknown: the connection failed while a write was committing",
-                extra={**event_extra, "todo_store_event": "commit_outcome_unknown"},
-            )
-            raise CommitOutcomeUnknown(
-                "the connection "
-                + ("timed out" if timed_out else f"was lost ({reason})")
-                + " while a write was committing: it may or may not have been applied"
-            )
-        if timed_out:
-            self._close_timed_out(context)
-            log.warning("database statement timed out; connection discarded", extra=event_extra)
-            raise DatabaseUnavailable(
-                "timed out waiting for the database (statement timeout, or a busy pooler); "
-                "nothing was committed"
-            )
-        log.warning("database connection lost; connection discarded", extra=event_extra)
-        found = _driver_error(error)
-        if isinstance(found, asyncpg.PostgresError) and pooler_cannot_reach_server(
-            getattr(found, "message", "") or ""
-        ):
-            self.gate.failed(f"the pooler cannot reach the database server: {reason}")
-        raise DatabaseUnavailable(f"the database connection was lost: {reason}")
-
-
-async def _close_within(driver: asyncpg.Connection, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(driver.close(), seconds)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        driver.terminate()
-
-
-def _reason(error: BaseException) -> str:
-    """A short, parameter-free reason: the server's or pooler's own words where it sent any
-    (with the SQLSTATE), else the driver error's type."""
-    found = _driver_error(error)
-    message = getattr(found, "message", None) or (found.args[0] if found.args else "")
-    message = message if isinstance(message, str) else ""
-    sqlstate = getattr(found, "sqlstate", None)
-    if message and sqlstate:
-        return f"{' '.join(message.split())} (SQLSTATE {sqlstate})"
-    name = type(found).__name__
-    return f"{name}: {message}" if message else name
 
 
 # -- the store -------------------------------------------------------------------------------
