@@ -1,4 +1,4 @@
-"""The `todo-store` command: `doctor`, `demo`, `migrate`.
+"""The `todo-store` command: `doctor`, `demo`, `migrate`, `grant`.
 
 - `todo-store doctor [--json]` checks the configured database (`DATABASE_URL`, migrations on
   the direct URL) and prints one line per check; exit status 0 only if every check passed.
