@@ -152,22 +152,30 @@ _OTHER_QUERY = (
 )
 
 _process_key: CursorKey | None = None
+_process_key_used = False
 
 
 def process_cursor_key() -> CursorKey:
     """The key used when no secret is configured: random, made once per process.
 
     Cursors it seals are refused by any other process (another instance, or this one after a
-    restart): set `CURSOR_SECRET` when more than one process serves pages.
+    restart): set `CURSOR_SECRET` when more than one process serves pages. The first cursor
+    sealed with it says so in the log (a process that never pages is not warned).
     """
     global _process_key  # noqa: PLW0603 (one key per process is the point)
     if _process_key is None:
+        _process_key = CursorKey(AESGCM.generate_key(bit_length=256))
+    return _process_key
+
+
+def _warn_if_process_key(key: CursorKey) -> None:
+    global _process_key_used  # noqa: PLW0603 (one warning per process)
+    if key is _process_key and not _process_key_used:
+        _process_key_used = True
         log.warning(
             "neither CURSOR_SECRET nor BETTER_AUTH_SECRET is set: page cursors are valid "
             "only in this process (not on another instance, nor after a restart)"
         )
-        _process_key = CursorKey(AESGCM.generate_key(bit_length=256))
-    return _process_key
 
 
 def cursor_key_for(*secrets: SecretStr | None) -> CursorKey:
@@ -254,6 +262,7 @@ class PageQuery(_Input):
         if isinstance(value, datetime):
             value = _micros(value)
         payload = [_fingerprint(dict(self)), value, last.id]
+        _warn_if_process_key(key)
         return key.seal(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
 
