@@ -148,9 +148,9 @@ class _GatedProxy(RoundTripProxy):
 
 async def test_warm_opens_n_connections_at_once(todo_store_settings: Settings) -> None:
     target = todo_store_settings.database_url.get_secret_value()
-    parsed = make_url(target)
+    server = RoundTripProxy.in_front_of(target)  # where the server is (host, or socket dir)
     n = 3
-    async with _GatedProxy(parsed.host or "127.0.0.1", parsed.port or 5432, gate=n) as proxy:
+    async with _GatedProxy(server.target_host, server.target_port, gate=n) as proxy:
         settings = settings_for(proxy.url_for(target)).model_copy(
             update={"pool_size": n, "max_overflow": 0, "connect_timeout": 2 * GATE_TIMEOUT_S}
         )

@@ -125,7 +125,18 @@ async def _run_units(store: TodoStore, n: int, *, atomic: bool = True) -> None:
 
 
 @pytest.fixture
-async def downed_server(todo_store_settings: Settings) -> AsyncIterator[Forwarder]:
+def tcp_server(todo_store_server: ProvisionedServer) -> ProvisionedServer:
+    """The test server, when clients reach it over TCP: TLS negotiation and the forwarder that
+    takes the server down work on TCP only (an embedded server listens on a unix socket)."""
+    if todo_store_server.is_unix_socket:
+        pytest.skip("needs a test server reached over TCP (TODO_STORE_TEST_DATABASE_URL)")
+    return todo_store_server
+
+
+@pytest.fixture
+async def downed_server(
+    todo_store_settings: Settings, tcp_server: ProvisionedServer
+) -> AsyncIterator[Forwarder]:
     """A path to the test server that can be taken down and brought back."""
     async with Forwarder.in_front_of(_url(todo_store_settings)) as forwarder:
         yield forwarder
@@ -232,7 +243,9 @@ async def test_timed_out_ping_through_a_busy_pooler_is_unavailable(
 # --- configuration errors are not "safe to retry" -------------------------------------------
 
 
-async def test_tls_required_by_the_url_but_not_offered(todo_store_settings: Settings) -> None:
+async def test_tls_required_by_the_url_but_not_offered(
+    todo_store_settings: Settings, tcp_server: ProvisionedServer
+) -> None:
     """Before: `DatabaseUnavailable (rejected SSL upgrade — safe to retry)`."""
     url = make_url(_url(todo_store_settings)).update_query_dict({"sslmode": "require"})
     async with TodoStore(url.render_as_string(hide_password=False)) as store:
