@@ -27,7 +27,7 @@ import decimal
 import uuid
 from collections import namedtuple
 from collections.abc import Callable, Collection, Hashable, Mapping
-from typing import Annotated, Any, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar, cast
 
 from pydantic import (
     AfterValidator,
@@ -41,10 +41,12 @@ from pydantic import (
     create_model,
 )
 from sqlalchemy import Column, Table, event, types
-from sqlalchemy.engine import Result
 from sqlalchemy.sql.schema import Computed, Identity
 
 from todo_store.schemas import BIGINT_MAX, INTEGER_MAX, _no_nul
+
+if TYPE_CHECKING:
+    from todo_store.units import Rows
 
 R = TypeVar("R", bound=tuple[Any, ...])
 S = TypeVar("S")
@@ -240,14 +242,14 @@ class Shape(Generic[R]):
             statement = self._statements[key] = build(self.columns, *args)
         return cast(S, statement)
 
-    def one(self, result: Result[Any]) -> R:
+    def one(self, result: Rows) -> R:
         return self.make(result.one())
 
-    def one_or_none(self, result: Result[Any]) -> R | None:
+    def one_or_none(self, result: Rows) -> R | None:
         row = result.one_or_none()
         return None if row is None else self.make(row)
 
-    def all(self, result: Result[Any]) -> list[R]:
+    def all(self, result: Rows) -> list[R]:
         return list(map(self.make, result.all()))
 
 

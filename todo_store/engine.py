@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -59,16 +59,17 @@ from todo_store.errors import (
 )
 from todo_store.pages import CURSOR_KEY_INFO, CursorKey, cursor_key_for
 from todo_store.replicas import (
+    Position,
     PositionReportingConnection,
-    PositionReportingSession,
     ReplicaSet,
     open_connections,
     ran_on_replica,
     track_writes,
-    write_unit,
 )
+from todo_store.resend import executemany_is_not_resent
 from todo_store.settings import Settings
 from todo_store.statement_errors import ErrorHook, forget_commit, mark_commit
+from todo_store.units import atomic_unit
 from todo_store.urls import mask, to_asyncpg
 
 log = logging.getLogger("todo_store")
@@ -162,7 +163,7 @@ def add_store_events(
     gate = ConnectGate()
     event.listen(sync_engine, "do_connect", Connector(gate, first_connect_timeout, sync_engine))
     event.listen(sync_engine, "checkout", _reject_dead_connection)
-    event.listen(sync_engine, "before_cursor_execute", _executemany_is_not_resent)
+    event.listen(sync_engine, "before_cursor_execute", executemany_is_not_resent, retval=True)
     event.listen(sync_engine, "checkin", gate.database_answered)
     event.listen(sync_engine, "begin", forget_commit)
     event.listen(sync_engine, "commit", mark_commit)
@@ -227,13 +228,6 @@ def _reject_dead_connection(
     resend.checked_out(driver)
 
 
-def _executemany_is_not_resent(
-    conn: Connection, _cursor: Any, _statement: Any, _parameters: Any, _context: Any, many: bool
-) -> None:
-    if many and conn.connection.dbapi_connection is not None:
-        resend.not_resendable(conn.connection.driver_connection)
-
-
 def _has_unread_input(driver: asyncpg.Connection) -> bool:
     """Whether the socket has bytes asyncpg has not read. Reads asyncpg's private transport;
     where an asyncpg lacks it, only the public `is_closed()` check above remains."""
@@ -275,9 +269,7 @@ class TodoStore:
         track_writes(self.engine)
         key = cursor_key_for(self.settings.cursor_secret, self.settings.better_auth_secret)
         _hand_cursor_key(self.engine, key)
-        self.sessionmaker = create_sessionmaker(
-            self.engine, cursor_key=key, sync_session_class=PositionReportingSession
-        )
+        self.sessionmaker = create_sessionmaker(self.engine, cursor_key=key)
         # Same pool, other per-checkout settings: no BEGIN at all, or BEGIN READ ONLY.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._non_atomic = create_sessionmaker(self._autocommit_engine, cursor_key=key)
@@ -292,6 +284,14 @@ class TodoStore:
         )
         # Each with its `engine` (instrumentation finds the engines a store holds this way).
         self.replicas = self.read_router.replicas
+
+    def _unit_info(self) -> dict[Any, Any]:
+        """A new unit's `session.info`: what every session of this store carries (the key
+        that seals page cursors)."""
+        return dict(self.sessionmaker.kw.get("info") or {})
+
+    def _learn(self, position: Position) -> None:
+        self.read_router.learn(position)
 
     @classmethod
     def from_env(cls) -> TodoStore:
@@ -355,9 +355,8 @@ class TodoStore:
                 async with self.read_router.read_unit(after) as session:
                     yield session
                 return
-            # Closing without a commit rolls back, so the block that raises leaves nothing.
-            async with write_unit(self.sessionmaker, self.read_router.learn) as session:
-                yield session
+            async with atomic_unit(self.engine, info=self._unit_info(), learn=self._learn) as unit:
+                yield unit
         except exc.TimeoutError:  # only the pool raises SQLAlchemy's TimeoutError
             raise self._pool_exhausted() from None
 
@@ -367,19 +366,12 @@ class TodoStore:
     ) -> AsyncIterator[AsyncSession]:
         engine = self._read_only_engine if read_only else self.engine
         bind = engine.execution_options(**{USER_OPTION: user_id})
-        session_class = AsyncSession if atomic else CallByCallTransactions
-        info = dict(self.sessionmaker.kw.get("info") or {})  # the cursor key, as unbound units
-        if atomic and not read_only:  # a write unit: its COMMIT reports a consistency token
-            maker = async_sessionmaker(
-                bind,
-                expire_on_commit=False,
-                autoflush=False,
-                info=info,
-                sync_session_class=PositionReportingSession,
-            )
-            async with write_unit(maker, self.read_router.learn) as session:
-                yield session
+        info = self._unit_info()
+        if atomic and not read_only:
+            async with atomic_unit(bind, info=info, learn=self._learn) as unit:
+                yield unit
             return
+        session_class = AsyncSession if atomic else CallByCallTransactions
         async with session_class(
             bind=bind, expire_on_commit=False, autoflush=False, info=info
         ) as session:

@@ -47,7 +47,6 @@ from pydantic import SecretStr
 from sqlalchemy import column, event, exc, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
 
 from todo_store.errors import CommitOutcomeUnknown, DatabaseUnavailable, TodoStoreError
 from todo_store.settings import Settings
@@ -65,7 +64,6 @@ _COMMITTED_AT = "todo_store.consistency_token"  # in Session.info, once the unit
 _UNFINISHED = "todo_store.unit_open"  # in Session.info while the unit's block runs
 _REPLICA = "todo_store.replica"  # in Session.info: the replica a read unit runs on
 _WROTE = "todo_store.wrote"  # in Connection.info: a statement that may write ran
-_CONNECTION = "todo_store.connection"  # in Session.info: the connection the unit began on
 _POSITION_NOTICE = "todo_store commit position"
 # Appended to the COMMIT of a unit that wrote, in the same simple query (one round trip).
 # It runs after the commit, so the insert position is at or past the commit record's end.
@@ -222,7 +220,7 @@ class PositionReportingConnection(asyncpg.Connection):
 def track_writes(engine: AsyncEngine) -> None:
     """Note, per connection and transaction, whether a statement that may write has run."""
     event.listen(engine.sync_engine, "begin", _forget_writes)
-    event.listen(engine.sync_engine, "before_cursor_execute", _note_write)
+    event.listen(engine.sync_engine, "before_cursor_execute", note_write_listener, retval=True)
 
 
 def _forget_writes(conn: Connection) -> None:
@@ -234,55 +232,42 @@ def _forget_writes(conn: Connection) -> None:
         driver._todo_store_position_sink = None  # a unit that failed before its COMMIT
 
 
-def _note_write(
-    conn: Connection, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
-) -> None:
+def note_write_listener(
+    conn: Connection, _cursor: Any, statement: str, parameters: Any, context: Any, _many: bool
+) -> tuple[str, Any]:
+    """`before_cursor_execute` (retval=True): `note_write` for every statement."""
     compiled = getattr(context, "compiled", None)
-    if compiled is not None and getattr(compiled.statement, "is_select", False):
+    note_write(conn, compiled.statement if compiled is not None else None)
+    return statement, parameters
+
+
+def unit_opened(info: dict[Any, Any]) -> None:
+    """An atomic unit of work's block has started: no token until it has committed."""
+    info[_UNFINISHED] = True
+
+
+def unit_ended(
+    info: dict[Any, Any], sink: list[str] | None, learn: Callable[[Position], None]
+) -> None:
+    """The unit has committed (`sink`: what its COMMIT reported, None if it wrote nothing) or
+    rolled back (`sink` None): leave its consistency token in `info`."""
+    info.pop(_UNFINISHED, None)
+    info[_COMMITTED_AT] = None
+    if sink and sink[-1].startswith(_UNAVAILABLE):
+        reason = sink[-1].removeprefix(_UNAVAILABLE)
+        info[_COMMITTED_AT] = ConsistencyTokenUnavailable(
+            f"the unit committed, but the database did not report where: {reason}"
+        )
         return
-    # Anything but a compiled SELECT may write (DML, DDL, textual SQL): counted as a write.
-    conn.info[_WROTE] = True
+    position = _reported_position(sink)
+    if position is not None:
+        info[_COMMITTED_AT] = position.token
+        learn(position)
 
 
-@asynccontextmanager
-async def write_unit(
-    sessions: async_sessionmaker[AsyncSession], learn: Callable[[Position], None]
-) -> AsyncIterator[AsyncSession]:
-    """An atomic unit of work that leaves its consistency token in `session.info`."""
-    async with sessions() as session:
-        session.info[_UNFINISHED] = True
-        try:
-            yield session
-            sink = _request_position(session)
-            await session.commit()
-        finally:
-            session.info.pop(_UNFINISHED, None)
-            session.info[_COMMITTED_AT] = None  # rolled back: it wrote nothing
-        if sink and sink[-1].startswith(_UNAVAILABLE):
-            reason = sink[-1].removeprefix(_UNAVAILABLE)
-            session.info[_COMMITTED_AT] = ConsistencyTokenUnavailable(
-                f"the unit committed, but the database did not report where: {reason}"
-            )
-            return
-        position = _reported_position(sink)
-        session.info[_COMMITTED_AT] = position.token if position is not None else None
-        if position is not None:
-            learn(position)
-
-
-class PositionReportingSession(Session):
-    """The session of an atomic unit of work: it remembers the connection it began on, so
-    that the unit's commit can ask for its position without a round trip (or an await)."""
-
-
-@event.listens_for(PositionReportingSession, "after_begin")
-def _remember_connection(session: Session, _transaction: Any, connection: Connection) -> None:
-    session.info[_CONNECTION] = connection
-
-
-def _request_position(session: AsyncSession) -> list[str] | None:
-    """Ask the unit's connection to report its commit position, if the unit wrote."""
-    connection: Connection | None = session.info.pop(_CONNECTION, None)
+def request_position(connection: Connection | None) -> list[str] | None:
+    """Ask `connection` to report its COMMIT's position, if its transaction wrote; the list
+    the report will land in (None: nothing will be reported)."""
     if connection is None or connection.invalidated or not connection.info.get(_WROTE):
         return None
     driver = connection.connection.driver_connection
@@ -291,6 +276,13 @@ def _request_position(session: AsyncSession) -> list[str] | None:
     sink: list[str] = []
     driver._todo_store_position_sink = sink
     return sink
+
+
+def note_write(connection: Connection, statement: Any) -> None:
+    """`statement` is about to run on `connection`: note it if it may write."""
+    if not getattr(statement, "is_select", False):
+        # Anything but a SELECT may write (DML, DDL, textual SQL): counted as a write.
+        connection.info[_WROTE] = True
 
 
 def _reported_position(sink: list[str] | None) -> Position | None:

@@ -27,7 +27,6 @@ from typing import Any, Final, NoReturn, TypeVar, cast
 from sqlalchemy import (
     Column,
     ColumnElement,
-    CursorResult,
     Executable,
     Insert,
     Integer,
@@ -43,7 +42,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -63,6 +61,7 @@ from todo_store.schemas import (
     UserRef,
     UserUpsert,
 )
+from todo_store.units import Rows, UnitSession
 
 R = TypeVar("R")
 
@@ -180,7 +179,7 @@ def _in_session(
     session: Session,
     statement: Executable,
     parameters: Mapping[str, Any],
-    shape: Callable[[Result[Any]], R],
+    shape: Callable[[Rows], R],
 ) -> R:
     # Without this, a pending ORM change would be invisible to the statement (the sessions
     # do not autoflush) and could conflict with it at commit; flushing is what autoflush does.
@@ -193,20 +192,22 @@ async def _run(
     executor: Executor,
     statement: Executable,
     parameters: Mapping[str, Any],
-    shape: Callable[[Result[Any]], R],
+    shape: Callable[[Rows], R],
 ) -> R:
     """Execute on the session's connection and shape the result, in one hop to the driver."""
     if isinstance(executor, AsyncConnection):
         return shape(await executor.execute(statement, parameters))
+    if isinstance(executor, UnitSession) and executor.runs_directly():
+        return shape(await executor.unit.fetch(statement, parameters))
     return await executor.run_sync(_in_session, statement, parameters, shape)
 
 
-def _scalar(result: Result[Any]) -> Any:
+def _scalar(result: Rows) -> Any:
     return result.scalar_one_or_none()
 
 
-def _rowcount(result: Result[Any]) -> int:
-    return cast(CursorResult[Any], result).rowcount
+def _rowcount(result: Rows) -> int:
+    return result.rowcount
 
 
 class TaskRepo:

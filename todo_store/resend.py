@@ -118,6 +118,15 @@ def not_resendable(driver: Any) -> None:
     _fresh.discard(driver)
 
 
+def executemany_is_not_resent(
+    conn: Any, _cursor: Any, statement: Any, parameters: Any, _context: Any, many: bool
+) -> tuple[Any, Any]:
+    """`before_cursor_execute` (retval=True): a statement sent as executemany is not resent."""
+    if many and conn.connection.dbapi_connection is not None:
+        not_resendable(conn.connection.driver_connection)
+    return statement, parameters
+
+
 def _first_round_trip(driver: Any) -> bool:
     """Whether this is the first round trip on `driver` since checkout (asked once)."""
     fresh = driver in _fresh

@@ -1,0 +1,397 @@
+"""The atomic unit of work (`TodoStore.session()`): one connection, one transaction, and the
+repositories' statements sent straight to the driver until the caller uses the ORM.
+
+A unit of work is an `AsyncSession` (`UnitSession`) that owns one pooled connection for its
+whole block, checked out at its first statement. Guarantees:
+
+- **Everything an `AsyncSession` does.** ORM use (`add`, `get`, `execute`, `flush`,
+  `begin_nested`, `connection()`, `run_sync`), a `commit()` or `rollback()` in the middle of
+  the block: all run on the unit's connection, in the unit's transaction, as they would in a
+  plain `AsyncSession`. Committed when the block exits normally, rolled back when it raises.
+- **Repository calls cost what their statements cost.** While the ORM session has not begun a
+  transaction and holds no pending change, a repository call sends its statement (compiled
+  once per statement) through SQLAlchemy's asyncpg adapter itself: the same BEGIN (with the
+  user binding), prepare, statement names and caching, and the same resend of a first round
+  trip that met a closed connection; none of the ORM session's or `Connection.execute`'s
+  per-call bookkeeping. Once the ORM session has begun (or holds pending changes), calls go
+  through it, so a pending change is flushed first and a `begin_nested()` savepoint holds them.
+- **The same errors.** A failed statement is handed to SQLAlchemy's own error handling for the
+  connection, so the engine's `handle_error` hooks (the package's typed errors), the
+  invalidation of a broken connection and the pass-through of `CancelledError`,
+  `KeyboardInterrupt` and `SystemExit` are exactly those of any other statement.
+- **Listeners are honoured.** Where anything else listens to statement execution (tracing, an
+  application's `before_cursor_execute`, `echo`), or a statement needs SQLAlchemy's execution
+  machinery (Python-side defaults, expanding IN lists), the statement runs through
+  `Connection.execute` on the unit's connection instead: same transaction, every event fired.
+
+It relies on private parts of SQLAlchemy's asyncpg adapter (the cursor's
+`_prepare_and_execute` and `_rows`) and of `Connection` (`_handle_dbapi_exception`), present in
+SQLAlchemy 2.0.58 and 2.1; `DIRECT_SUPPORTED` checks them once at import. Where they are
+missing, every statement runs through `Connection.execute`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import weakref
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from sqlalchemy import exc
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_cursor
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.util import greenlet_spawn
+
+from todo_store.replicas import (
+    Position,
+    note_write,
+    note_write_listener,
+    request_position,
+    unit_ended,
+    unit_opened,
+)
+from todo_store.resend import executemany_is_not_resent
+
+DIRECT_SUPPORTED = inspect.iscoroutinefunction(
+    getattr(AsyncAdapt_asyncpg_cursor, "_prepare_and_execute", None)
+) and hasattr(Connection, "_handle_dbapi_exception")
+"""Whether this SQLAlchemy has what sending a statement straight to the adapter needs."""
+
+# The package's own `before_cursor_execute` listeners (registered with retval=True, so that
+# SQLAlchemy keeps them unwrapped): a directly sent statement does their work itself.
+_OWN_STATEMENT_LISTENERS = frozenset({note_write_listener, executemany_is_not_resent})
+
+
+class Rows(Protocol):
+    """What a statement gave back, as the repositories read it: SQLAlchemy's `Result`, or a
+    unit's `FetchedRows`."""
+
+    def one(self) -> Any: ...
+
+    def one_or_none(self) -> Any: ...
+
+    def all(self) -> Sequence[Any]: ...
+
+    def scalar_one_or_none(self) -> Any: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+class FetchedRows:
+    """The rows of a statement sent directly, with `Result`'s reading methods."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def all(self) -> list[Any]:
+        return self._rows
+
+    def one_or_none(self) -> Any:
+        if len(self._rows) > 1:
+            raise exc.MultipleResultsFound("Multiple rows were found when one or none was required")
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        row = self.one_or_none()
+        if row is None:
+            raise exc.NoResultFound("No row was found when one was required")
+        return row
+
+    def scalar_one_or_none(self) -> Any:
+        row = self.one_or_none()
+        return None if row is None else row[0]
+
+
+# -- statements compiled once for the adapter ------------------------------------------------
+
+
+class _Compiled:
+    """A statement as the adapter takes it: SQL text, argument order, type processing."""
+
+    __slots__ = ("_binds", "_given", "_names", "_results", "_types", "is_select", "sql")
+
+    def __init__(self, statement: ClauseElement, compiled: Any) -> None:
+        self.sql: str = compiled.string
+        self.is_select = bool(getattr(statement, "is_select", False))
+        names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self._names = names
+        defaults = compiled.construct_params(_check=False)
+        self._given = {name: defaults.get(name) for name in names}
+        processors = compiled._bind_processors
+        self._binds = tuple(processors.get(name) for name in names)
+        self._types = tuple(entry.type for entry in compiled._result_columns)
+        self._results: tuple[tuple[int, ...], tuple[Any, ...]] | None = None
+
+    def arguments(self, parameters: Mapping[str, Any]) -> list[Any]:
+        given = self._given
+        values = [parameters[n] if n in parameters else given[n] for n in self._names]
+        return [
+            value if process is None else process(value)
+            for value, process in zip(values, self._binds, strict=True)
+        ]
+
+    def rows(self, cursor: Any, dialect: Dialect) -> FetchedRows:
+        rows = list(cursor._rows)
+        description = cursor.description
+        if rows and description:
+            processors = self._result_processors(description, dialect)
+            if any(processors):
+                rows = [
+                    tuple(
+                        value if process is None else process(value)
+                        for value, process in zip(row, processors, strict=True)
+                    )
+                    for row in rows
+                ]
+        return FetchedRows(rows, cursor.rowcount)
+
+    def _result_processors(self, description: Any, dialect: Dialect) -> tuple[Any, ...]:
+        oids = tuple(column[1] for column in description)
+        known = self._results
+        if known is not None and known[0] == oids:
+            return known[1]
+        if len(self._types) != len(oids):
+            raise RuntimeError("a directly sent statement returned other columns than compiled")
+        processors = tuple(
+            type_._cached_result_processor(dialect, oid)
+            for type_, oid in zip(self._types, oids, strict=True)
+        )
+        self._results = (oids, processors)
+        return processors
+
+
+def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled | None:
+    """`statement` compiled as `Connection.execute` would compile it for parameters named
+    `keys`; None where it needs SQLAlchemy's execution machinery."""
+    if not isinstance(statement, ClauseElement):
+        return None
+    compiled: Any = statement.compile(dialect=dialect, column_keys=list(keys))
+    needs_execution_machinery = (
+        compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+        or compiled.escaped_bind_names
+        or any(bind.callable is not None for bind in compiled.binds.values())
+    )
+    return None if needs_execution_machinery else _Compiled(statement, compiled)
+
+
+class _Statements:
+    """One dialect's directly compiled statements, each compiled once per set of keys."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._compiled: weakref.WeakKeyDictionary[Any, dict[Hashable, _Compiled | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, statement: Executable, parameters: Mapping[str, Any]) -> _Compiled | None:
+        """`statement` compiled for the adapter, or None where it needs SQLAlchemy's
+        execution (defaults computed in Python, expanding parameters, ...)."""
+        by_keys = self._compiled.get(statement)
+        if by_keys is None:
+            by_keys = self._compiled[statement] = {}
+        keys = tuple(sorted(parameters))
+        if keys in by_keys:
+            return by_keys[keys]
+        direct = by_keys[keys] = _compile(statement, self.dialect, keys)
+        return direct
+
+
+_statements: weakref.WeakKeyDictionary[Dialect, _Statements] = weakref.WeakKeyDictionary()
+
+
+def _statements_for(dialect: Dialect) -> _Statements:
+    found = _statements.get(dialect)
+    if found is None:
+        found = _statements[dialect] = _Statements(dialect)
+    return found
+
+
+def _sent_directly(connection: Connection) -> bool:
+    """Whether nothing but this package listens to `connection`'s statements."""
+    if connection._echo or not DIRECT_SUPPORTED:  # echo logs each statement
+        return False
+    if "schema_translate_map" in connection._execution_options:
+        return False  # changes the compiled text
+    dispatch = connection.dispatch
+    if any(True for _ in dispatch.after_cursor_execute):
+        return False
+    if any(fn not in _OWN_STATEMENT_LISTENERS for fn in dispatch.before_cursor_execute):
+        return False
+    return not any(True for _ in connection.dialect.dispatch.do_execute)
+
+
+# -- the unit ---------------------------------------------------------------------------------
+
+
+class UnitConnection:
+    """The unit's one connection (checked out at first need) and its transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.connection: Connection | None = None
+
+    def in_transaction(self) -> bool:
+        return self.connection is not None and self.connection.in_transaction()
+
+    def for_orm(self) -> Connection:
+        """The connection, checked out if not yet (sync: inside SQLAlchemy's greenlet)."""
+        if self.connection is None:
+            self.connection = self.engine.sync_engine.connect()
+        return self.connection
+
+    async def fetch(self, statement: Executable, parameters: Mapping[str, Any]) -> Rows:
+        """Run `statement` in the unit's transaction (begun here if none is open)."""
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = await greenlet_spawn(self.engine.sync_engine.connect)
+        if not connection.in_transaction():
+            # No I/O: the adapter sends the BEGIN (with the user binding) with the statement.
+            connection.begin()
+        compiled = _statements_for(connection.dialect).get(statement, parameters)
+        if compiled is None or not _sent_directly(connection):
+            result: Rows = await greenlet_spawn(connection.execute, statement, parameters)
+            return result
+        # What this package's own before_cursor_execute listeners do, done here.
+        if not compiled.is_select:
+            note_write(connection, statement)
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        arguments = compiled.arguments(parameters)
+        try:
+            await cursor._prepare_and_execute(compiled.sql, arguments)
+        except BaseException as error:
+            await greenlet_spawn(_handle_as_sqlalchemy, connection, error, compiled.sql, cursor)
+            raise  # pragma: no cover - _handle_as_sqlalchemy always raises
+        return compiled.rows(cursor, connection.dialect)
+
+
+def _handle_as_sqlalchemy(
+    connection: Connection, error: BaseException, sql: str, cursor: Any
+) -> None:
+    """Raise what `Connection.execute` would have raised for `error`, with its side effects
+    (the engine's `handle_error` hooks, invalidating a broken connection)."""
+    try:
+        raise error  # noqa: TRY301 - SQLAlchemy's handler reads it from sys.exc_info()
+    except BaseException as raised:  # re-raised by SQLAlchemy, converted or unchanged
+        # Parameters are not passed: nothing may quote them (the engine hides them anyway).
+        connection._handle_dbapi_exception(raised, sql, None, cursor, None)
+
+
+class UnitOrmSession(Session):
+    """The ORM session of a unit: it runs on the unit's connection, and takes over the
+    transaction the unit's repository calls have begun before anything of its own."""
+
+    unit: UnitConnection
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        return self.unit.for_orm()
+
+    def _take_over(self) -> None:
+        if self._transaction is None and self.unit.in_transaction():
+            self.connection()  # joins the open transaction (join_transaction_mode control_fully)
+
+    def commit(self) -> None:
+        self._take_over()
+        super().commit()
+
+    def rollback(self) -> None:
+        self._take_over()
+        super().rollback()
+
+    def close(self) -> None:
+        self._take_over()
+        super().close()
+
+    def invalidate(self) -> None:
+        self._take_over()
+        super().invalidate()
+
+    def begin(self, nested: bool = False) -> Any:
+        self._take_over()
+        return super().begin(nested=nested)
+
+    def in_transaction(self) -> bool:
+        return super().in_transaction() or self.unit.in_transaction()
+
+
+class UnitSession(AsyncSession):
+    """The `AsyncSession` of `TodoStore.session()`: see the module docstring."""
+
+    sync_session: UnitOrmSession
+
+    def __init__(self, engine: AsyncEngine, *, info: dict[Any, Any]) -> None:
+        super().__init__(
+            engine,
+            expire_on_commit=False,
+            autoflush=False,
+            info=info,
+            sync_session_class=UnitOrmSession,
+            join_transaction_mode="control_fully",
+        )
+        self.unit = self.sync_session.unit = UnitConnection(engine)
+
+    def runs_directly(self) -> bool:
+        """Whether a repository call may go to the unit's connection without the ORM: the ORM
+        session has begun nothing and holds no change to flush first."""
+        orm = self.sync_session
+        return orm._transaction is None and orm._is_clean()
+
+
+@asynccontextmanager
+async def atomic_unit(
+    engine: AsyncEngine, *, info: dict[Any, Any], learn: Callable[[Position], None]
+) -> AsyncIterator[UnitSession]:
+    """A unit of work on `engine`: committed when the block exits, rolled back when it raises;
+    its consistency token left in `session.info`."""
+    session = UnitSession(engine, info=info)
+    unit_opened(session.info)
+    sink: list[str] | None = None
+    try:
+        try:
+            yield session
+        except BaseException:
+            await asyncio.shield(greenlet_spawn(_discard, session))
+            raise
+        sink = await greenlet_spawn(_commit, session)
+    finally:
+        unit_ended(session.info, sink, learn)
+
+
+def _commit(session: UnitSession) -> list[str] | None:
+    """Commit the unit (ORM changes flushed first) and release its connection; what the
+    COMMIT will report its position into."""
+    orm = session.sync_session
+    unit = session.unit
+    try:
+        if not orm._is_clean():
+            orm.flush()
+        sink = request_position(unit.connection)
+        if orm._transaction is not None:
+            orm.commit()
+        elif unit.connection is not None and unit.connection.in_transaction():
+            unit.connection.commit()
+        return sink
+    finally:
+        _discard(session)
+
+
+def _discard(session: UnitSession) -> None:
+    """Close the ORM session and the connection: whatever is uncommitted is rolled back."""
+    connection = session.unit.connection
+    try:
+        Session.close(session.sync_session)  # not the take-over: the connection closes next
+    finally:
+        if connection is not None:
+            session.unit.connection = None
+            connection.close()
