@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from conftest import granted_role
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidRequestError, PendingRollbackError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -811,3 +811,43 @@ async def test_a_repository_call_after_a_caught_flush_error_raises_pending_rollb
         await unit_of_work()
 
     assert await _committed_titles(database_url, owner) == []
+
+
+# -- repository calls leave the ORM session alone, and listeners still see them ----------------
+
+
+async def test_repository_calls_leave_the_orm_session_unbegun_until_the_orm_is_used(
+    served_store: TodoStore, owner: str
+) -> None:
+    async with served_store.session() as session:
+        task = await TaskRepo(session).create(owner, title="direct")
+        assert await TaskRepo(session).get(owner, task.id) == task
+        assert session.in_transaction()
+        # The calls ran on the unit's connection without the ORM session's bookkeeping.
+        assert session.sync_session.get_transaction() is None
+        loaded = await session.get(Task, task.id)
+        assert loaded is not None
+        assert loaded.title == "direct"
+        assert session.sync_session.get_transaction() is not None
+
+
+async def test_a_statement_listener_sees_every_repository_statement_of_a_unit(
+    served_store: TodoStore, owner: str, database_url: str
+) -> None:
+    seen: list[str] = []
+
+    def listener(*args: Any) -> None:
+        seen.append(args[2].split(None, 1)[0])  # the statement's first word
+
+    engine = served_store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        async with served_store.session() as session:
+            task = await TaskRepo(session).create(owner, title="seen")
+            await TaskRepo(session).get(owner, task.id)
+            await TaskRepo(session).count_for(owner)
+            assert session.sync_session.get_transaction() is None
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert seen == ["INSERT", "SELECT", "SELECT"]
+    assert await _committed_titles(database_url, owner) == ["seen"]

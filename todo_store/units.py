@@ -225,11 +225,9 @@ def _sent_directly(connection: Connection) -> bool:
     if "schema_translate_map" in connection._execution_options:
         return False  # changes the compiled text
     dispatch = connection.dispatch
-    if any(True for _ in dispatch.after_cursor_execute):
+    if dispatch.after_cursor_execute or connection.dialect.dispatch.do_execute:
         return False
-    if any(fn not in _OWN_STATEMENT_LISTENERS for fn in dispatch.before_cursor_execute):
-        return False
-    return not any(True for _ in connection.dialect.dispatch.do_execute)
+    return all(fn in _OWN_STATEMENT_LISTENERS for fn in dispatch.before_cursor_execute)
 
 
 # -- the unit ---------------------------------------------------------------------------------
@@ -389,8 +387,10 @@ def _commit(session: UnitSession) -> list[str] | None:
 def _discard(session: UnitSession) -> None:
     """Close the ORM session and the connection: whatever is uncommitted is rolled back."""
     connection = session.unit.connection
+    orm = session.sync_session
     try:
-        Session.close(session.sync_session)  # not the take-over: the connection closes next
+        if orm._transaction is not None or orm.identity_map or not orm._is_clean():
+            Session.close(orm)  # not the take-over: the connection closes next
     finally:
         if connection is not None:
             session.unit.connection = None
