@@ -422,6 +422,34 @@ async def test_lifespan_creates_the_store_and_disposes_it(
     assert app.state.todo_store is None
 
 
+async def test_lifespan_warm_opens_connections_before_the_first_request(
+    todo_store_settings: Settings,
+) -> None:
+    app = FastAPI(lifespan=store_lifespan(todo_store_settings, warm=2))
+    async with app.router.lifespan_context(app):
+        store = app.state.todo_store
+        assert isinstance(store, TodoStore)
+        assert store.engine.pool.checkedin() == 2  # open and idle, no request made yet
+    assert app.state.todo_store is None
+
+
+async def test_lifespan_without_warm_opens_no_connection(todo_store_settings: Settings) -> None:
+    app = FastAPI(lifespan=store_lifespan(todo_store_settings))
+    async with app.router.lifespan_context(app):
+        assert app.state.todo_store.engine.pool.checkedin() == 0
+
+
+async def test_lifespan_warm_beyond_the_pool_fails_startup_naming_n(
+    todo_store_settings: Settings,
+) -> None:
+    too_many = todo_store_settings.pool_size + 1
+    app = FastAPI(lifespan=store_lifespan(todo_store_settings, warm=too_many))
+    with pytest.raises(ValueError, match=r"^n: expected 1 to POOL_SIZE"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert getattr(app.state, "todo_store", None) is None
+
+
 async def test_get_store_gives_routes_the_apps_store(store: TodoStore, user_id: str) -> None:
     app = _app(store)
 

@@ -47,6 +47,7 @@ from todo_store import (
 )
 from todo_store.testing.plugin import settings_for, start_pgbouncer
 from todo_store.testing.postgres import ProvisionedServer
+from todo_store.units import DIRECT_SUPPORTED
 
 NEVER_ISSUED_ID = 2**63 - 1  # a valid bigint no task will ever get
 XID_MODULUS = 2**32  # txid_current() carries an epoch above the 32-bit xid that xmin holds
@@ -851,3 +852,37 @@ async def test_a_statement_listener_sees_every_repository_statement_of_a_unit(
         event.remove(engine, "before_cursor_execute", listener)
     assert seen == ["INSERT", "SELECT", "SELECT"]
     assert await _committed_titles(database_url, owner) == ["seen"]
+
+
+def test_this_sqlalchemy_lets_units_send_statements_directly() -> None:
+    # Where a SQLAlchemy lacks what it needs, units fall back to Connection.execute: correct,
+    # but slower; every admitted version must keep the direct path.
+    assert DIRECT_SUPPORTED
+
+
+async def test_repository_statements_of_a_unit_bypass_connection_execute_unless_listened_to(
+    served_store: TodoStore, owner: str
+) -> None:
+    engine = served_store.engine.sync_engine
+    # Connection.execute compiles through the engine's cache (SQLAlchemy's own, private); a
+    # statement sent directly is compiled once by the unit and never reaches it.
+    compiled_cache = engine._compiled_cache
+    assert compiled_cache is not None
+    cached = len(compiled_cache)
+    async with served_store.session() as session:
+        assert await TaskRepo(session).count_for(owner) == 0
+    assert len(compiled_cache) == cached
+
+    executed: list[object] = []
+
+    def before_execute(*args: Any) -> None:
+        executed.append(args[1])
+
+    event.listen(engine, "before_execute", before_execute)
+    try:
+        async with served_store.session() as session:
+            assert await TaskRepo(session).count_for(owner) == 0
+    finally:
+        event.remove(engine, "before_execute", before_execute)
+    assert len(executed) == 1  # with a listener, the statement went through Connection.execute
+    assert len(compiled_cache) == cached + 1

@@ -134,11 +134,16 @@ def _store_in(state: State) -> TodoStore:
 
 
 def store_lifespan(
-    settings: Settings | str | None = None,
+    settings: Settings | str | None = None, *, warm: int = 0
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """A lifespan for `FastAPI(lifespan=...)`: at startup a `TodoStore` from `settings` (a
     `Settings` or a URL; default `TodoStore.from_env()`, i.e. `DATABASE_URL` and `.env`), at
     shutdown its connections closed. An app given a store with `use_store` keeps it as is.
+
+    `warm=n`: at startup, open n connections at once (`TodoStore.warm`), so that the first
+    requests do not each wait for a login; startup then fails with `DatabaseUnavailable` or
+    `ConnectionRejected` when the database cannot be reached, and with `ValueError` naming `n`
+    when n is more than `POOL_SIZE`.
 
     To run it inside a lifespan of your own: `async with store_lifespan()(app): ...`.
     """
@@ -149,6 +154,12 @@ def store_lifespan(
             yield
             return
         store = TodoStore.from_env() if settings is None else TodoStore(settings)
+        try:
+            if warm:
+                await store.warm(warm)
+        except BaseException:
+            await store.dispose()
+            raise
         use_store(app, store)
         try:
             yield

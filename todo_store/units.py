@@ -20,9 +20,10 @@ whole block, checked out at its first statement. Guarantees:
   invalidation of a broken connection and the pass-through of `CancelledError`,
   `KeyboardInterrupt` and `SystemExit` are exactly those of any other statement.
 - **Listeners are honoured.** Where anything else listens to statement execution (tracing, an
-  application's `before_cursor_execute`, `echo`), or a statement needs SQLAlchemy's execution
-  machinery (Python-side defaults, expanding IN lists), the statement runs through
-  `Connection.execute` on the unit's connection instead: same transaction, every event fired.
+  application's `before_execute` or `before_cursor_execute`, `echo`), or a statement needs
+  SQLAlchemy's execution machinery (Python-side defaults, expanding IN lists), the statement
+  runs through `Connection.execute` on the unit's connection instead: same transaction, every
+  event fired.
 
 It relies on private parts of SQLAlchemy's asyncpg adapter (the cursor's
 `_prepare_and_execute` and `_rows`) and of `Connection` (`_handle_dbapi_exception`), present in
@@ -225,7 +226,9 @@ def _sent_directly(connection: Connection) -> bool:
     if "schema_translate_map" in connection._execution_options:
         return False  # changes the compiled text
     dispatch = connection.dispatch
-    if dispatch.after_cursor_execute or connection.dialect.dispatch.do_execute:
+    if dispatch.before_execute or dispatch.after_execute or dispatch.after_cursor_execute:
+        return False
+    if connection.dialect.dispatch.do_execute:
         return False
     return all(fn in _OWN_STATEMENT_LISTENERS for fn in dispatch.before_cursor_execute)
 
