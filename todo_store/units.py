@@ -125,8 +125,10 @@ class _Compiled:
         self.is_select = bool(getattr(statement, "is_select", False))
         names: tuple[str, ...] = tuple(compiled.positiontup or ())
         self._names = names
+        # Values the statement carries itself; a required parameter has none.
         defaults = compiled.construct_params(_check=False)
-        self._given = {name: defaults.get(name) for name in names}
+        required = {name for bind, name in compiled.bind_names.items() if bind.required}
+        self._given = {name: defaults.get(name) for name in names if name not in required}
         processors = compiled._bind_processors
         self._binds = tuple(processors.get(name) for name in names)
         self._types = tuple(entry.type for entry in compiled._result_columns)
@@ -134,7 +136,12 @@ class _Compiled:
 
     def arguments(self, parameters: Mapping[str, Any]) -> list[Any]:
         given = self._given
-        values = [parameters[n] if n in parameters else given[n] for n in self._names]
+        try:
+            values = [parameters[n] if n in parameters else given[n] for n in self._names]
+        except KeyError as missing:  # as Connection.execute says it
+            raise exc.InvalidRequestError(
+                f"A value is required for bind parameter {missing.args[0]!r}"
+            ) from None
         return [
             value if process is None else process(value)
             for value, process in zip(values, self._binds, strict=True)
