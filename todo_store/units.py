@@ -265,7 +265,8 @@ class UnitConnection:
         if connection is None:
             connection = self.connection = await greenlet_spawn(self.engine.sync_engine.connect)
         if not connection.in_transaction():
-            # No I/O: the adapter sends the BEGIN (with the user binding) with the statement.
+            # No I/O here: the adapter sends the BEGIN (with the user binding) before the
+            # statement.
             connection.begin()
         compiled = _statements_for(connection.dialect).get(statement, parameters)
         if compiled is None or not _sent_directly(connection):
