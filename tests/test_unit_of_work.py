@@ -17,6 +17,7 @@ PgBouncer (`served_store`). What a unit committed is read back over a connection
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -886,3 +887,44 @@ async def test_repository_statements_of_a_unit_bypass_connection_execute_unless_
         event.remove(engine, "before_execute", before_execute)
     assert len(executed) == 1  # with a listener, the statement went through Connection.execute
     assert len(compiled_cache) == cached + 1
+
+
+async def test_concurrent_calls_on_one_unit_never_take_a_second_connection(
+    served_store: TodoStore, owner: str
+) -> None:
+    async with served_store.session() as session:
+        tasks = TaskRepo(session)
+        first, second = await asyncio.gather(
+            tasks.count_for(owner), tasks.count_for(owner), return_exceptions=True
+        )
+        assert first == 0
+        # Refused while the first opens the unit's connection; once it is open, the calls
+        # take turns on it. Never a second connection.
+        if not (isinstance(second, InvalidRequestError) and "concurrent" in str(second)):
+            assert second == 0
+        assert served_store.engine.pool.checkedout() == 1
+    assert served_store.engine.pool.checkedout() == 0
+
+
+async def test_a_call_left_running_when_its_unit_ends_is_refused_and_returns_its_connection(
+    served_store: TodoStore, owner: str
+) -> None:
+    async with served_store.session() as session:
+        left_running = asyncio.ensure_future(TaskRepo(session).count_for(owner))
+    # Whether it reached the pool before the unit ended or not, it may not run after it.
+    with pytest.raises(InvalidRequestError, match="has ended"):
+        await left_running
+    assert served_store.engine.pool.checkedout() == 0
+
+
+async def test_a_unit_refuses_work_after_its_block_has_ended(
+    served_store: TodoStore, owner: str, database_url: str
+) -> None:
+    async with served_store.session() as session:
+        await TaskRepo(session).create(owner, title="inside")
+    with pytest.raises(InvalidRequestError, match="has ended"):
+        await TaskRepo(session).create(owner, title="after")
+    with pytest.raises(InvalidRequestError, match="has ended"):
+        await session.execute(select(Task).where(Task.user_id == owner))
+    assert served_store.engine.pool.checkedout() == 0
+    assert await _committed_titles(database_url, owner) == ["inside"]

@@ -249,6 +249,8 @@ class UnitConnection:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.connection: Connection | None = None
+        self.ended = False
+        self._checking_out = False
 
     def in_transaction(self) -> bool:
         return self.connection is not None and self.connection.in_transaction()
@@ -256,14 +258,21 @@ class UnitConnection:
     def for_orm(self) -> Connection:
         """The connection, checked out if not yet (sync: inside SQLAlchemy's greenlet)."""
         if self.connection is None:
+            self._refuse_if_ended()
             self.connection = self.engine.sync_engine.connect()
         return self.connection
 
+    def _refuse_if_ended(self) -> None:
+        # Work after the block would run in a transaction nothing commits, on a connection
+        # nothing returns: refused instead.
+        if self.ended:
+            raise exc.InvalidRequestError(
+                "this unit of work has ended: open a new one (store.session())"
+            )
+
     async def fetch(self, statement: Executable, parameters: Mapping[str, Any]) -> Rows:
         """Run `statement` in the unit's transaction (begun here if none is open)."""
-        connection = self.connection
-        if connection is None:
-            connection = self.connection = await greenlet_spawn(self.engine.sync_engine.connect)
+        connection = self.connection or await self._checkout()
         if not connection.in_transaction():
             # No I/O here: the adapter sends the BEGIN (with the user binding) before the
             # statement.
@@ -283,6 +292,26 @@ class UnitConnection:
             await greenlet_spawn(_handle_as_sqlalchemy, connection, error, compiled.sql, cursor)
             raise  # pragma: no cover - _handle_as_sqlalchemy always raises
         return compiled.rows(cursor, connection.dialect)
+
+    async def _checkout(self) -> Connection:
+        # Two tasks sharing one unit would each check out a connection of their own: refused,
+        # as SQLAlchemy refuses concurrent use of a session that is provisioning one.
+        if self._checking_out:
+            raise exc.InvalidRequestError(
+                "this unit of work is opening its connection for another task: concurrent "
+                "operations on one unit of work are not permitted"
+            )
+        self._refuse_if_ended()
+        self._checking_out = True
+        try:
+            connection = await greenlet_spawn(self.engine.sync_engine.connect)
+        finally:
+            self._checking_out = False
+        if self.ended:  # the unit ended while this task waited for the pool
+            await greenlet_spawn(connection.close)
+            self._refuse_if_ended()
+        self.connection = connection
+        return connection
 
 
 def _handle_as_sqlalchemy(
@@ -397,6 +426,7 @@ def _commit(session: UnitSession) -> list[str] | None:
 
 def _discard(session: UnitSession) -> None:
     """Close the ORM session and the connection: whatever is uncommitted is rolled back."""
+    session.unit.ended = True
     connection = session.unit.connection
     orm = session.sync_session
     try:
