@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from todo_store import (
     AccessRefused,
+    CommitOutcomeUnknown,
     DatabaseError,
     EmailTaken,
     Settings,
@@ -887,6 +888,107 @@ async def test_repository_statements_of_a_unit_bypass_connection_execute_unless_
         event.remove(engine, "before_execute", before_execute)
     assert len(executed) == 1  # with a listener, the statement went through Connection.execute
     assert len(compiled_cache) == cached + 1
+
+
+async def test_a_units_repository_calls_hold_the_pool_connection_until_the_orm_needs_one(
+    served_store: TodoStore, owner: str, database_url: str
+) -> None:
+    async with served_store.session() as session:
+        task = await TaskRepo(session).create(owner, title="created")
+    async with served_store.session() as session:
+        await TaskRepo(session).update(owner, task.id, title="held")
+        unit = session.unit  # type: ignore[attr-defined]
+        # No SQLAlchemy Connection yet: the unit holds the pool's connection itself.
+        assert unit.connection is None
+        held = unit.pool_connection
+        assert held is not None
+        before = await session.scalar(text("SELECT txid_current()"))
+        # The ORM's connection wraps the same pool connection, in the same transaction.
+        assert unit.connection is not None
+        assert unit.connection.connection is held
+        assert unit.pool_connection is None
+        await TaskRepo(session).toggle(owner, task.id)
+        assert await session.scalar(text("SELECT txid_current()")) == before
+    assert served_store.engine.pool.checkedout() == 0
+    assert consistency_token(session) is not None  # the write before the ORM was used counts
+    assert await _committed_titles(database_url, owner) == ["held"]
+    assert (await _fetch(database_url, "SELECT completed FROM tasks WHERE id = $1", task.id))[0][0]
+
+
+class Calls:
+    """What an application's listeners on the engine's connection events saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def listen(self, engine: Any) -> None:
+        for name in ("engine_connect", "begin", "commit", "rollback"):
+            event.listen(engine, name, self._recorder(name))
+
+    def _recorder(self, name: str) -> Callable[..., None]:
+        def record(*_args: Any) -> None:
+            self.seen.append(name)
+
+        return record
+
+
+async def test_an_applications_connection_listeners_see_every_unit_begin_and_end(
+    served_store: TodoStore, owner: str, database_url: str
+) -> None:
+    calls = Calls()
+    # A store of its own: listeners cannot be removed from the shared store's engine by name.
+    async with TodoStore(served_store.settings) as store:
+        async with store.session() as session:
+            task = await TaskRepo(session).create(owner, title="created")
+        calls.listen(store.engine.sync_engine)
+        async with store.session() as session:
+            await TaskRepo(session).update(owner, task.id, title="listened")
+        assert calls.seen == ["engine_connect", "begin", "commit"]
+        calls.seen.clear()
+
+        async def unit_of_work() -> None:
+            async with store.session() as session:
+                await TaskRepo(session).update(owner, task.id, title="rolled back")
+                raise CallerGaveUp
+
+        with pytest.raises(CallerGaveUp):
+            await unit_of_work()
+        assert calls.seen == ["engine_connect", "begin", "rollback"]
+    assert await _committed_titles(database_url, owner) == ["listened"]
+
+
+@pytest.mark.parametrize("orm_used", [False, True], ids=["repository-calls-only", "orm-used"])
+async def test_a_commit_that_loses_its_connection_is_outcome_unknown_however_the_unit_ran(
+    store: TodoStore,
+    owner: str,
+    database_url: str,
+    todo_store_server: ProvisionedServer,
+    orm_used: bool,
+) -> None:
+    async with store.session() as session:
+        task = await TaskRepo(session).create(owner, title="before")
+
+    async def unit_of_work() -> None:
+        async with store.session() as session:
+            await TaskRepo(session).update(owner, task.id, title="lost")
+            if orm_used:
+                await session.execute(text("SELECT 1"))
+            held = session.unit.connection is None  # type: ignore[attr-defined]
+            assert held is not orm_used
+            # The unit's server connection ends before the COMMIT is sent.
+            await _fetch(
+                todo_store_server.admin_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND state = 'idle in transaction'",
+                make_url(database_url).database,
+            )
+
+    with pytest.raises(CommitOutcomeUnknown):
+        await unit_of_work()
+    assert store.engine.pool.checkedout() == 0
+    assert await _committed_titles(database_url, owner) == ["before"]
+    async with store.session() as session:  # the store goes on working
+        assert await TaskRepo(session).get(owner, task.id) == task
 
 
 async def test_concurrent_calls_on_one_unit_never_take_a_second_connection(

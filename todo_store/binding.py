@@ -33,7 +33,7 @@ itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
 
 from todo_store.schemas import UserRef
 
@@ -114,7 +115,7 @@ class BoundConnection(asyncpg.Connection):
 def add_binding_events(engine: AsyncEngine) -> None:
     """Carry each unit's `USER_OPTION` to its connection's BEGIN; forget it on check-in."""
     sync_engine = engine.sync_engine
-    event.listen(sync_engine, "begin", _bind_transaction)
+    event.listen(sync_engine, "begin", bind_transaction_listener)
     event.listen(sync_engine, "checkin", _forget_binding)
 
 
@@ -122,12 +123,19 @@ def _driver(dbapi_connection: Any) -> Any:
     return getattr(dbapi_connection, "driver_connection", None)
 
 
-def _bind_transaction(conn: Connection) -> None:
-    # Fired by every SQLAlchemy-level begin, before the adapter's lazy BEGIN: always set, so a
-    # binding left by a unit that never sent its BEGIN is overwritten, never inherited.
-    driver = _driver(conn.connection)
+def bind_transaction_listener(conn: Connection) -> None:
+    """`begin` listener: `bind_transaction` on the connection's pool connection."""
+    bind_transaction(conn.connection, conn.get_execution_options())
+
+
+def bind_transaction(pool_connection: PoolProxiedConnection, options: Mapping[str, Any]) -> None:
+    """A transaction begins on `pool_connection` with execution `options`: its BEGIN binds
+    the user the options name, or nobody."""
+    # Called at every begin, before the adapter's lazy BEGIN: always set, so a binding left by
+    # a unit that never sent its BEGIN is overwritten, never inherited.
+    driver = _driver(pool_connection)
     if isinstance(driver, BoundConnection):
-        driver.bind_next_transaction(conn.get_execution_options().get(USER_OPTION))
+        driver.bind_next_transaction(options.get(USER_OPTION))
 
 
 def _forget_binding(dbapi_connection: Any, _record: Any) -> None:

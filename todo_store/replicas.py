@@ -47,6 +47,7 @@ from pydantic import SecretStr
 from sqlalchemy import column, event, exc, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
 
 from todo_store.errors import CommitOutcomeUnknown, DatabaseUnavailable, TodoStoreError
 from todo_store.settings import Settings
@@ -219,15 +220,20 @@ class PositionReportingConnection(asyncpg.Connection):
 
 def track_writes(engine: AsyncEngine) -> None:
     """Note, per connection and transaction, whether a statement that may write has run."""
-    event.listen(engine.sync_engine, "begin", _forget_writes)
+    event.listen(engine.sync_engine, "begin", forget_writes_listener)
     event.listen(engine.sync_engine, "before_cursor_execute", note_write_listener, retval=True)
 
 
-def _forget_writes(conn: Connection) -> None:
-    if conn.invalidated:
-        return
-    conn.info.pop(_WROTE, None)
-    driver = conn.connection.driver_connection
+def forget_writes_listener(conn: Connection) -> None:
+    """`begin` listener: `forget_writes` on the connection's pool connection."""
+    if not conn.invalidated:
+        forget_writes(conn.connection)
+
+
+def forget_writes(pool_connection: PoolProxiedConnection) -> None:
+    """A transaction begins on `pool_connection`: it has written nothing yet."""
+    pool_connection.info.pop(_WROTE, None)
+    driver = pool_connection.driver_connection
     if isinstance(driver, PositionReportingConnection):
         driver._todo_store_position_sink = None  # a unit that failed before its COMMIT
 
@@ -237,7 +243,7 @@ def note_write_listener(
 ) -> tuple[str, Any]:
     """`before_cursor_execute` (retval=True): `note_write` for every statement."""
     compiled = getattr(context, "compiled", None)
-    note_write(conn, compiled.statement if compiled is not None else None)
+    note_write(conn.info, compiled.statement if compiled is not None else None)
     return statement, parameters
 
 
@@ -265,12 +271,16 @@ def unit_ended(
         learn(position)
 
 
-def request_position(connection: Connection | None) -> list[str] | None:
-    """Ask `connection` to report its COMMIT's position, if its transaction wrote; the list
-    the report will land in (None: nothing will be reported)."""
-    if connection is None or connection.invalidated or not connection.info.get(_WROTE):
+def request_position(pool_connection: PoolProxiedConnection | None) -> list[str] | None:
+    """Ask `pool_connection` to report its COMMIT's position, if its transaction wrote; the
+    list the report will land in (None: nothing will be reported)."""
+    if (
+        pool_connection is None
+        or not pool_connection.is_valid
+        or not pool_connection.info.get(_WROTE)
+    ):
         return None
-    driver = connection.connection.driver_connection
+    driver = pool_connection.driver_connection
     if not isinstance(driver, PositionReportingConnection):
         return None
     sink: list[str] = []
@@ -278,11 +288,12 @@ def request_position(connection: Connection | None) -> list[str] | None:
     return sink
 
 
-def note_write(connection: Connection, statement: Any) -> None:
-    """`statement` is about to run on `connection`: note it if it may write."""
+def note_write(info: dict[Any, Any], statement: Any) -> None:
+    """`statement` is about to run on the connection whose `info` this is: note it if it may
+    write."""
     if not getattr(statement, "is_select", False):
         # Anything but a SELECT may write (DML, DDL, textual SQL): counted as a write.
-        connection.info[_WROTE] = True
+        info[_WROTE] = True
 
 
 def _reported_position(sink: list[str] | None) -> Position | None:

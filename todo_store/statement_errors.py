@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc, util
 from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.pool import PoolProxiedConnection
 
 from todo_store.connect_errors import driver_error, error_chain, pooler_cannot_reach_server
 from todo_store.connecting import ConnectGate
@@ -39,11 +40,13 @@ _READ_KEYWORDS = frozenset({"select", "show", "values", "table", "explain"})
 # -- commit tracking: an interrupted COMMIT has an unknown outcome ---------------------------
 
 
-def mark_commit(conn: Connection) -> None:
+def mark_commit(conn: Connection | PoolProxiedConnection) -> None:
+    """A COMMIT is about to be sent on `conn` (a `commit` listener)."""
     conn.info[_COMMITTING] = True
 
 
-def forget_commit(conn: Connection) -> None:
+def forget_commit(conn: Connection | PoolProxiedConnection) -> None:
+    """A transaction begins on `conn` (a `begin` listener): no COMMIT is in flight."""
     conn.info.pop(_COMMITTING, None)
 
 

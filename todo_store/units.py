@@ -2,7 +2,8 @@
 repositories' statements sent straight to the driver until the caller uses the ORM.
 
 A unit of work is an `AsyncSession` (`UnitSession`) that owns one pooled connection for its
-whole block, checked out at its first statement. Guarantees:
+whole block, checked out at its first statement; its ORM session is made when first used.
+Guarantees:
 
 - **Everything an `AsyncSession` does.** ORM use (`add`, `get`, `execute`, `flush`,
   `begin_nested`, `connection()`, `run_sync`), a `commit()` or `rollback()` in the middle of
@@ -13,8 +14,10 @@ whole block, checked out at its first statement. Guarantees:
   once per statement) through SQLAlchemy's asyncpg adapter itself: the same BEGIN (with the
   user binding), prepare, statement names and caching, and the same resend of a first round
   trip that met a closed connection; none of the ORM session's or `Connection.execute`'s
-  per-call bookkeeping. Once the ORM session has begun (or holds pending changes), calls go
-  through it, so a pending change is flushed first and a `begin_nested()` savepoint holds them.
+  per-call bookkeeping. Until something needs SQLAlchemy's `Connection` (the ORM, a failure,
+  a rollback), the unit holds the pool's connection without one, and commits on it directly.
+  Once the ORM session has begun (or holds pending changes), calls go through it, so a
+  pending change is flushed first and a `begin_nested()` savepoint holds them.
 - **The same errors.** A failed statement is handed to SQLAlchemy's own error handling for the
   connection, so the engine's `handle_error` hooks (the package's typed errors), the
   invalidation of a broken connection and the pass-through of `CancelledError`,
@@ -23,12 +26,14 @@ whole block, checked out at its first statement. Guarantees:
   application's `before_execute` or `before_cursor_execute`, `echo`), or a statement needs
   SQLAlchemy's execution machinery (Python-side defaults, expanding IN lists), the statement
   runs through `Connection.execute` on the unit's connection instead: same transaction, every
-  event fired.
+  event fired. Where anything else listens to a connection's checkout, begin, commit or
+  rollback, the unit takes a `Connection` from the start.
 
 It relies on private parts of SQLAlchemy's asyncpg adapter (the cursor's
-`_prepare_and_execute` and `_rows`) and of `Connection` (`_handle_dbapi_exception`), present in
-SQLAlchemy 2.0.58 and 2.1; `DIRECT_SUPPORTED` checks them once at import. Where they are
-missing, every statement runs through `Connection.execute`.
+`_prepare_and_execute` and `_rows`) and of `Connection` (`_handle_dbapi_exception`,
+`_handle_dbapi_exception_noconnection`), present in SQLAlchemy 2.0.58 and 2.1;
+`DIRECT_SUPPORTED` checks them once at import. Where they are missing, every unit takes a
+`Connection` and every statement runs through `Connection.execute`.
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ from typing import Any, Protocol
 
 from sqlalchemy import exc
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_cursor
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.util import greenlet_spawn
 
+from todo_store.binding import bind_transaction, bind_transaction_listener
 from todo_store.replicas import (
     Position,
+    forget_writes,
+    forget_writes_listener,
     note_write,
     note_write_listener,
     request_position,
@@ -57,15 +66,23 @@ from todo_store.replicas import (
     unit_opened,
 )
 from todo_store.resend import executemany_is_not_resent
+from todo_store.statement_errors import forget_commit, mark_commit
 
-DIRECT_SUPPORTED = inspect.iscoroutinefunction(
-    getattr(AsyncAdapt_asyncpg_cursor, "_prepare_and_execute", None)
-) and hasattr(Connection, "_handle_dbapi_exception")
+DIRECT_SUPPORTED = (
+    inspect.iscoroutinefunction(getattr(AsyncAdapt_asyncpg_cursor, "_prepare_and_execute", None))
+    and hasattr(Connection, "_handle_dbapi_exception")
+    and hasattr(Connection, "_handle_dbapi_exception_noconnection")
+)
 """Whether this SQLAlchemy has what sending a statement straight to the adapter needs."""
 
 # The package's own `before_cursor_execute` listeners (registered with retval=True, so that
 # SQLAlchemy keeps them unwrapped): a directly sent statement does their work itself.
 _OWN_STATEMENT_LISTENERS = frozenset({note_write_listener, executemany_is_not_resent})
+# The package's own `begin` and `commit` listeners: a unit holding a pool connection without a
+# `Connection` does their work itself (`_begin_directly`, `UnitConnection.commit`).
+_OWN_TRANSACTION_LISTENERS = frozenset(
+    {bind_transaction_listener, forget_commit, forget_writes_listener, mark_commit}
+)
 
 
 class Rows(Protocol):
@@ -226,41 +243,109 @@ def _statements_for(dialect: Dialect) -> _Statements:
     return found
 
 
-def _sent_directly(connection: Connection) -> bool:
-    """Whether nothing but this package listens to `connection`'s statements."""
-    if connection._echo or not DIRECT_SUPPORTED:  # echo logs each statement
+def _sent_directly(target: Connection | Engine) -> bool:
+    """Whether nothing but this package listens to the statements of `target` (a connection,
+    or an engine whose pool connection a unit holds without one)."""
+    echo = target._echo if isinstance(target, Connection) else target._should_log_info()
+    if echo or not DIRECT_SUPPORTED:  # echo logs each statement
         return False
-    if "schema_translate_map" in connection._execution_options:
+    if "schema_translate_map" in target._execution_options:
         return False  # changes the compiled text
-    dispatch = connection.dispatch
+    dispatch = target.dispatch
     if dispatch.before_execute or dispatch.after_execute or dispatch.after_cursor_execute:
         return False
-    if connection.dialect.dispatch.do_execute:
+    if target.dialect.dispatch.do_execute:
         return False
-    return all(fn in _OWN_STATEMENT_LISTENERS for fn in dispatch.before_cursor_execute)
+    return _OWN_STATEMENT_LISTENERS.issuperset(dispatch.before_cursor_execute)
+
+
+def _held_without_connection(engine: Engine) -> bool:
+    """Whether a unit may hold `engine`'s pool connection without a SQLAlchemy `Connection`:
+    nothing but this package listens to what a `Connection` reports (its checkout, begin,
+    commit, rollback or statements)."""
+    if Connection.__dict__.get("_has_events") or not _sent_directly(engine):
+        return False  # a listener on the Connection class itself
+    dispatch = engine.dispatch
+    return (
+        not dispatch.engine_connect
+        and not dispatch.rollback
+        and _OWN_TRANSACTION_LISTENERS.issuperset(dispatch.begin)
+        and _OWN_TRANSACTION_LISTENERS.issuperset(dispatch.commit)
+    )
+
+
+def _begin_directly(pool_connection: PoolProxiedConnection, options: Mapping[str, Any]) -> None:
+    """What the package's `begin` listeners do (`_OWN_TRANSACTION_LISTENERS`), for a
+    transaction begun without a `Connection`."""
+    bind_transaction(pool_connection, options)
+    forget_commit(pool_connection)
+    forget_writes(pool_connection)
+
+
+def _checked_out(engine: Engine) -> PoolProxiedConnection:
+    """A connection of `engine`'s pool; a failure to connect is raised as `Connection` raises
+    it (through the engine's `handle_error` hooks)."""
+    try:
+        return engine.raw_connection()
+    except engine.dialect.loaded_dbapi.Error as error:
+        Connection._handle_dbapi_exception_noconnection(error, engine.dialect, engine)
+        raise  # pragma: no cover - the handler always raises
 
 
 # -- the unit ---------------------------------------------------------------------------------
 
 
 class UnitConnection:
-    """The unit's one connection (checked out at first need) and its transaction."""
+    """The unit's one connection (checked out at first need) and its transaction.
+
+    Until something needs SQLAlchemy's `Connection` (the ORM, a statement that needs its
+    execution machinery, a listener, a failure, a rollback), the unit holds the pool's
+    connection itself (`pool_connection`): begin, statements and a successful commit go to
+    the adapter with no `Connection` bookkeeping. Then `as_connection()` wraps the same pool
+    connection, in the same transaction, and everything after runs through it.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.connection: Connection | None = None
+        self.pool_connection: PoolProxiedConnection | None = None
         self.ended = False
         self._checking_out = False
+        self._begun = False  # a transaction begun on `pool_connection` without a Connection
 
     def in_transaction(self) -> bool:
-        return self.connection is not None and self.connection.in_transaction()
+        if self.connection is not None:
+            return self.connection.in_transaction()
+        return self._begun
 
     def for_orm(self) -> Connection:
         """The connection, checked out if not yet (sync: inside SQLAlchemy's greenlet)."""
         if self.connection is None:
             self._refuse_if_ended()
+            if self.pool_connection is not None:
+                return self.as_connection()
             self.connection = self.engine.sync_engine.connect()
         return self.connection
+
+    def as_connection(self) -> Connection:
+        """A `Connection` on the held pool connection, in the transaction begun on it."""
+        if self.connection is not None:
+            return self.connection
+        assert self.pool_connection is not None  # noqa: S101 - only called while one is held
+        connection = Connection(self.engine.sync_engine, connection=self.pool_connection)
+        if self._begun:
+            # Connection.begin() fires the begin listeners, which reset what they track per
+            # transaction (a write noted, a COMMIT in flight); this transaction is the same
+            # one, so what they track is put back.
+            info = self.pool_connection.info
+            kept = dict(info)
+            connection.begin()
+            info.clear()
+            info.update(kept)
+        self.connection = connection
+        self.pool_connection = None
+        self._begun = False
+        return connection
 
     def _refuse_if_ended(self) -> None:
         # Work after the block would run in a transaction nothing commits, on a connection
@@ -272,28 +357,47 @@ class UnitConnection:
 
     async def fetch(self, statement: Executable, parameters: Mapping[str, Any]) -> Rows:
         """Run `statement` in the unit's transaction (begun here if none is open)."""
-        connection = self.connection or await self._checkout()
-        if not connection.in_transaction():
-            # No I/O here: the adapter sends the BEGIN (with the user binding) before the
-            # statement.
-            connection.begin()
-        compiled = _statements_for(connection.dialect).get(statement, parameters)
-        if compiled is None or not _sent_directly(connection):
-            result: Rows = await greenlet_spawn(connection.execute, statement, parameters)
-            return result
+        if self.connection is None and self.pool_connection is None:
+            await self._checkout()
+        compiled = _statements_for(self.engine.dialect).get(statement, parameters)
+        connection = self.connection
+        if connection is None and compiled is not None and _sent_directly(self.engine.sync_engine):
+            pool_connection = self._begun_pool_connection()
+        else:
+            connection = self.as_connection()
+            if not connection.in_transaction():
+                # No I/O here: the adapter sends the BEGIN (with the user binding) before the
+                # statement.
+                connection.begin()
+            if compiled is None or not _sent_directly(connection):
+                result: Rows = await greenlet_spawn(connection.execute, statement, parameters)
+                return result
+            pool_connection = connection.connection
         # What this package's own before_cursor_execute listeners do, done here.
         if not compiled.is_select:
-            note_write(connection, statement)
-        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            note_write(pool_connection.info, statement)
+        cursor = pool_connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         arguments = compiled.arguments(parameters)
         try:
             await cursor._prepare_and_execute(compiled.sql, arguments)
         except BaseException as error:
-            await greenlet_spawn(_handle_as_sqlalchemy, connection, error, compiled.sql, cursor)
+            await greenlet_spawn(
+                _handle_as_sqlalchemy, self.as_connection(), error, compiled.sql, cursor
+            )
             raise  # pragma: no cover - _handle_as_sqlalchemy always raises
-        return compiled.rows(cursor, connection.dialect)
+        return compiled.rows(cursor, self.engine.dialect)
 
-    async def _checkout(self) -> Connection:
+    def _begun_pool_connection(self) -> PoolProxiedConnection:
+        """The held pool connection, its transaction begun (the adapter sends the BEGIN, with
+        the user binding, before the first statement)."""
+        pool_connection = self.pool_connection
+        assert pool_connection is not None  # noqa: S101 - checked out before
+        if not self._begun:
+            _begin_directly(pool_connection, self.engine.sync_engine._execution_options)
+            self._begun = True
+        return pool_connection
+
+    async def _checkout(self) -> None:
         # Two tasks sharing one unit would each check out a connection of their own: refused,
         # as SQLAlchemy refuses concurrent use of a session that is provisioning one.
         if self._checking_out:
@@ -302,23 +406,71 @@ class UnitConnection:
                 "operations on one unit of work are not permitted"
             )
         self._refuse_if_ended()
+        engine = self.engine.sync_engine
         self._checking_out = True
         try:
-            connection = await greenlet_spawn(self.engine.sync_engine.connect)
+            if _held_without_connection(engine):
+                held: PoolProxiedConnection | Connection = await greenlet_spawn(
+                    _checked_out, engine
+                )
+            else:
+                held = await greenlet_spawn(engine.connect)
         finally:
             self._checking_out = False
         if self.ended:  # the unit ended while this task waited for the pool
-            await greenlet_spawn(connection.close)
+            await greenlet_spawn(held.close)
             self._refuse_if_ended()
-        self.connection = connection
-        return connection
+        if isinstance(held, Connection):
+            self.connection = held
+        else:
+            self.pool_connection = held
+
+    def commit(self) -> list[str] | None:
+        """Commit the unit's transaction (sync, in SQLAlchemy's greenlet); what the COMMIT will
+        report its position into."""
+        connection = self.connection
+        if connection is not None:
+            sink = self.request_position()
+            if connection.in_transaction():
+                connection.commit()
+            return sink
+        pool_connection = self.pool_connection
+        if pool_connection is None or not self._begun:
+            return None
+        sink = self.request_position()
+        mark_commit(pool_connection)  # what the package's `commit` listener does
+        try:
+            pool_connection.dbapi_connection.commit()  # type: ignore[union-attr]
+        except BaseException as error:
+            _handle_as_sqlalchemy(self.as_connection(), error, None, None)
+            raise  # pragma: no cover - _handle_as_sqlalchemy always raises
+        self._begun = False
+        return sink
+
+    def request_position(self) -> list[str] | None:
+        """Ask the COMMIT to come to report its position (see `replicas.request_position`)."""
+        connection = self.connection
+        if connection is None:
+            return request_position(self.pool_connection)
+        return None if connection.invalidated else request_position(connection.connection)
+
+    def close(self) -> None:
+        """Return the connection to the pool; an open transaction is rolled back (sync, in
+        SQLAlchemy's greenlet)."""
+        self.ended = True
+        if self._begun:
+            self.as_connection()  # the rollback and its errors, as a Connection has them
+        held: PoolProxiedConnection | Connection | None = self.connection or self.pool_connection
+        self.connection = self.pool_connection = None
+        if held is not None:
+            held.close()
 
 
 def _handle_as_sqlalchemy(
-    connection: Connection, error: BaseException, sql: str, cursor: Any
+    connection: Connection, error: BaseException, sql: str | None, cursor: Any
 ) -> None:
-    """Raise what `Connection.execute` would have raised for `error`, with its side effects
-    (the engine's `handle_error` hooks, invalidating a broken connection)."""
+    """Raise what `Connection` would have raised for `error`, with its side effects (the
+    engine's `handle_error` hooks, invalidating a broken connection)."""
     try:
         raise error  # noqa: TRY301 - SQLAlchemy's handler reads it from sys.exc_info()
     except BaseException as raised:  # re-raised by SQLAlchemy, converted or unchanged
@@ -364,26 +516,60 @@ class UnitOrmSession(Session):
 
 
 class UnitSession(AsyncSession):
-    """The `AsyncSession` of `TodoStore.session()`: see the module docstring."""
+    """The `AsyncSession` of `TodoStore.session()`: see the module docstring.
+
+    Its ORM session (`sync_session`, and every attribute of `AsyncSession` that reads it) is
+    made when first used: a unit that only makes repository calls never pays for one.
+    """
 
     sync_session: UnitOrmSession
 
     def __init__(self, engine: AsyncEngine, *, info: dict[Any, Any]) -> None:
-        super().__init__(
-            engine,
+        # AsyncSession.__init__ runs at first use of the ORM (`_make_orm_session`).
+        self._engine = engine
+        self._info = info
+        self._orm: UnitOrmSession | None = None
+        self._orm_started = False
+        self.unit = UnitConnection(engine)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set yet: those AsyncSession.__init__ sets (they differ
+        # between SQLAlchemy versions) appear once the ORM session is made.
+        if name.startswith("__") or vars(self).get("_orm_started", True):
+            raise AttributeError(name)
+        self._make_orm_session()
+        return getattr(self, name)
+
+    def _make_orm_session(self) -> UnitOrmSession:
+        self._orm_started = True
+        AsyncSession.__init__(
+            self,
+            self._engine,
             expire_on_commit=False,
             autoflush=False,
-            info=info,
             sync_session_class=UnitOrmSession,
             join_transaction_mode="control_fully",
         )
-        self.unit = self.sync_session.unit = UnitConnection(engine)
+        orm = self.sync_session
+        orm.unit = self.unit
+        vars(orm)["info"] = self._info  # one dict for session.info and sync_session.info
+        self._orm = orm
+        return orm
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        return self._info
+
+    def in_transaction(self) -> bool:
+        if self._orm is None:
+            return self.unit.in_transaction()
+        return self._orm.in_transaction()
 
     def runs_directly(self) -> bool:
         """Whether a repository call may go to the unit's connection without the ORM: the ORM
         session has begun nothing and holds no change to flush first."""
-        orm = self.sync_session
-        return orm._transaction is None and orm._is_clean()
+        orm = self._orm
+        return orm is None or (orm._transaction is None and orm._is_clean())
 
 
 @asynccontextmanager
@@ -409,16 +595,14 @@ async def atomic_unit(
 def _commit(session: UnitSession) -> list[str] | None:
     """Commit the unit (ORM changes flushed first) and release its connection; what the
     COMMIT will report its position into."""
-    orm = session.sync_session
-    unit = session.unit
+    orm = session._orm
     try:
-        if not orm._is_clean():
+        if orm is not None and not orm._is_clean():
             orm.flush()
-        sink = request_position(unit.connection)
-        if orm._transaction is not None:
-            orm.commit()
-        elif unit.connection is not None and unit.connection.in_transaction():
-            unit.connection.commit()
+        if orm is None or orm._transaction is None:
+            return session.unit.commit()
+        sink = session.unit.request_position()
+        orm.commit()
         return sink
     finally:
         _discard(session)
@@ -427,12 +611,11 @@ def _commit(session: UnitSession) -> list[str] | None:
 def _discard(session: UnitSession) -> None:
     """Close the ORM session and the connection: whatever is uncommitted is rolled back."""
     session.unit.ended = True
-    connection = session.unit.connection
-    orm = session.sync_session
+    orm = session._orm
     try:
-        if orm._transaction is not None or orm.identity_map or not orm._is_clean():
+        if orm is not None and (
+            orm._transaction is not None or orm.identity_map or not orm._is_clean()
+        ):
             Session.close(orm)  # not the take-over: the connection closes next
     finally:
-        if connection is not None:
-            session.unit.connection = None
-            connection.close()
+        session.unit.close()
