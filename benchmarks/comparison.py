@@ -8,8 +8,13 @@ so that concurrent writers rarely meet on one row.
 
 For each call, every round runs each implementation for `seconds`, in an order that rotates
 from round to round (and reverses every other round), so that drift of a shared machine hits
-all alike. Per implementation and call the result keeps each round's ops/s and the client CPU
-(this process's CPU time / operations); ratios are taken within a round and then summarised.
+all alike. Before each call the table is vacuumed (`VACUUM ANALYZE tasks`, as pgbench vacuums
+before a run): the write calls leave dead rows and visibility bits unset, which autovacuum
+clears at a moment of its own choosing, so a call measured after them (`count_for`'s
+index-only scan) would otherwise depend on when autovacuum ran.
+
+Per implementation and call the result keeps each round's ops/s and the client CPU (this
+process's CPU time / operations); ratios are taken within a round and then summarised.
 """
 
 from __future__ import annotations
@@ -123,6 +128,14 @@ async def make_users(conn: asyncpg.Connection, plan: Plan) -> dict[str, list[int
     return owned
 
 
+async def vacuum(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM ANALYZE tasks")
+    finally:
+        await conn.close()
+
+
 async def compare(db: Database, plan: Plan) -> Comparison:
     setup = await asyncpg.connect(asyncpg_dsn(db.url))
     try:
@@ -154,6 +167,7 @@ async def compare(db: Database, plan: Plan) -> Comparison:
     cells = {(impl.label, call): Cell() for impl in implementations for call in HOT_CALLS}
     try:
         for call in HOT_CALLS:
+            await vacuum(asyncpg_dsn(db.url))
             operations = [(impl.label, impl.operations()[call]) for impl in implementations]
             for _label, operation in operations:
                 await _run(operation, owned, plan.workers, plan.warmup_seconds, seed=0)

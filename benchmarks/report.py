@@ -260,10 +260,12 @@ def _comparison(results: Results) -> str:
         f"{plan.workers} connections, statement caching off (as the package runs by default), "
         f"{plan.users} users x {plan.tasks_per_user} tasks; every operation is its own unit of "
         "work on a random user and task. For each call the implementations run in turns, "
-        f"{plan.seconds:g} s each, in an order that rotates every round; {plan.rounds} rounds. "
-        "Cells: median of the rounds (min-max). Ratios are taken within each round, then "
-        "summarised. Client CPU/op is this process's CPU time / operations: the database shares "
-        "the machine's cores, so ops/s follows it closely.",
+        f"{plan.seconds:g} s each, in an order that rotates every round; {plan.rounds} rounds; "
+        "the calls in the order of the tables, the table vacuumed before each (`VACUUM ANALYZE "
+        "tasks`, as pgbench does before a run). Cells: median of the rounds (min-max). Ratios "
+        "are taken within each round, then summarised. Client CPU/op is this process's CPU "
+        "time / operations: the database shares the machine's cores, so ops/s follows it "
+        "closely.",
         "",
         "Implementations (`benchmarks/peers.py`): **todo_store** `async with store.session() as "
         "s: await TaskRepo(s).<call>(...)`; **todo_store atomic=False** the same with "
