@@ -331,7 +331,9 @@ class UnitConnection:
         """A `Connection` on the held pool connection, in the transaction begun on it."""
         if self.connection is not None:
             return self.connection
-        assert self.pool_connection is not None  # noqa: S101 - only called while one is held
+        if self.pool_connection is None:  # a call still running when its unit ended
+            self._refuse_if_ended()
+            raise exc.InvalidRequestError("this unit of work holds no connection")
         connection = Connection(self.engine.sync_engine, connection=self.pool_connection)
         if self._begun:
             # Connection.begin() fires the begin listeners, which reset what they track per
@@ -540,7 +542,7 @@ class UnitSession(AsyncSession):
         self._make_orm_session()
         return getattr(self, name)
 
-    def _make_orm_session(self) -> UnitOrmSession:
+    def _make_orm_session(self) -> None:
         self._orm_started = True
         AsyncSession.__init__(
             self,
@@ -554,7 +556,6 @@ class UnitSession(AsyncSession):
         orm.unit = self.unit
         vars(orm)["info"] = self._info  # one dict for session.info and sync_session.info
         self._orm = orm
-        return orm
 
     @property
     def info(self) -> dict[Any, Any]:
