@@ -26,7 +26,7 @@ Guarantees:
   application's `before_execute` or `before_cursor_execute`, `echo`), or a statement needs
   SQLAlchemy's execution machinery (Python-side defaults, expanding IN lists), the statement
   runs through `Connection.execute` on the unit's connection instead: same transaction, every
-  event fired. Where anything else listens to a connection's checkout, begin, commit or
+  event fired. Where anything else listens to a `Connection`'s creation, begin, commit or
   rollback, the unit takes a `Connection` from the start.
 
 It relies on private parts of SQLAlchemy's asyncpg adapter (the cursor's
@@ -261,10 +261,12 @@ def _sent_directly(target: Connection | Engine) -> bool:
 
 def _held_without_connection(engine: Engine) -> bool:
     """Whether a unit may hold `engine`'s pool connection without a SQLAlchemy `Connection`:
-    nothing but this package listens to what a `Connection` reports (its checkout, begin,
+    nothing but this package listens to what a `Connection` reports (its creation, begin,
     commit, rollback or statements)."""
-    if Connection.__dict__.get("_has_events") or not _sent_directly(engine):
-        return False  # a listener on the Connection class itself
+    if Connection.__dict__.get("_has_events"):  # a listener on the Connection class itself
+        return False
+    if not _sent_directly(engine):
+        return False
     dispatch = engine.dispatch
     return (
         not dispatch.engine_connect
